@@ -1,0 +1,161 @@
+"""Qwen2.5-VL: vision features scattered into `<|image_pad|>` positions, then the decoder.
+
+Letters: B batch, T length, D width, V vocab, P patches, I images.
+
+Public functions are pure: `forward(config, params, ...)` and `init_params(config, rng)`.
+Parameters are a plain pytree (no boxing); `param_axes(config)` gives the matching pytree
+of logical axis names for sharding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atlas_jax.model import layers, rope
+from atlas_jax.model.config import ModelConfig
+from atlas_jax.model.text import Decoder
+from atlas_jax.model.vision import VisionTower
+
+
+def scatter_image_features(embeds, input_ids, features, image_token_id: int):
+  """Puts feature row j at the j-th image-pad token (row-major over the batch).
+
+  embeds: float[B, T, D]; input_ids: int[B, T]; features: float[U, D] (U >= number of
+  image-pad tokens; extra rows come from padded patches and are dropped).
+  """
+  is_img = input_ids == image_token_id
+  idx = jnp.cumsum(is_img.reshape(-1)).reshape(is_img.shape) - 1
+  gathered = features[jnp.clip(idx, 0, features.shape[0] - 1)].astype(embeds.dtype)
+  return jnp.where(is_img[..., None], gathered, embeds)
+
+
+class Qwen25VL(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype = layers.dtype_of(cfg.dtype)
+    self.visual = VisionTower(cfg.vision, dtype, cfg.remat)
+    self.embed = nn.Embed(
+        cfg.text.vocab_size, cfg.text.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+        embedding_init=layers.logical_init(layers.DEFAULT_INIT, ("vocab", "embed")))
+    self.decoder = Decoder(cfg.text, dtype, cfg.remat)
+    if not cfg.text.tie_word_embeddings:
+      self.lm_head = layers.dense(cfg.text.vocab_size, -1, ("embed", "vocab"), dtype=dtype,
+                                  name="lm_head")
+
+  def embed_inputs(self, input_ids, pixel_values, image_grid_thw):
+    x = self.embed(input_ids)
+    if pixel_values is not None:
+      features = self.visual(pixel_values, image_grid_thw)
+      x = scatter_image_features(x, input_ids, features, self.config.image_token_id)
+    return x
+
+  def hidden_states(self, input_ids, position_ids, mask, pixel_values=None,
+                    image_grid_thw=None, cache_index=None, cache=None):
+    """Final-norm hidden states float[B, T, D] and the updated cache."""
+    cfg = self.config.text
+    x = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
+                                       "activation_embed"))
+    cos, sin = rope.text_rope(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    return self.decoder(x, cos, sin, mask, cache_index, cache)
+
+  def logits(self, hidden):
+    """float32[..., V] from hidden states float[..., D]."""
+    if self.config.text.tie_word_embeddings:
+      out = self.embed.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+  def __call__(self, input_ids, position_ids, mask, pixel_values=None, image_grid_thw=None):
+    hidden, _ = self.hidden_states(input_ids, position_ids, mask, pixel_values, image_grid_thw)
+    return self.logits(hidden)
+
+
+def causal_mask(attention_mask):
+  """bool[B, T, T]: causal and not attending to padding keys."""
+  t = attention_mask.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def _is_concrete(*xs) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def check_image_inputs(config: ModelConfig, input_ids, pixel_values, image_grid_thw) -> None:
+  """Raises ValueError when image-pad tokens, grids and patches disagree (host-side)."""
+  if pixel_values is None:
+    return
+  if image_grid_thw is None:
+    raise ValueError("pixel_values given without image_grid_thw")
+  grid = np.asarray(image_grid_thw)
+  patches = int(grid.prod(-1).sum())
+  if pixel_values.shape[0] < patches:
+    raise ValueError(f"image_grid_thw describes {patches} patches but pixel_values has "
+                     f"{pixel_values.shape[0]} rows")
+  features = patches // config.vision.spatial_merge_size**2
+  n_tokens = int((np.asarray(input_ids) == config.image_token_id).sum())
+  if n_tokens != features:
+    raise ValueError(f"Image features and image tokens do not match: input_ids has {n_tokens} "
+                     f"<|image_pad|> tokens (id {config.image_token_id}) but image_grid_thw "
+                     f"gives {features} features")
+
+
+def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None,
+            image_grid_thw=None, position_ids=None):
+  """Logits of a batch.
+
+  Args:
+    config: static ModelConfig (hashable; use `jax.jit(forward, static_argnums=0)`).
+    params: the parameter pytree.
+    input_ids: int[B, T]. attention_mask: int[B, T] (1 = real token).
+    pixel_values: float[P, 3*2*14*14] flattened patches of all images (rows may be padded
+      past the grids' total), or None.
+    image_grid_thw: int[I, 3] (zero rows = padding images), or None.
+    position_ids: int[3, B, T] M-RoPE ids; computed in-graph with `get_rope_index` when
+      None (the data pipeline precomputes them on the host).
+  Returns:
+    float32[B, T, V] logits.
+  """
+  if _is_concrete(input_ids, image_grid_thw):
+    check_image_inputs(config, input_ids, pixel_values, image_grid_thw)
+  if position_ids is None:
+    position_ids, _ = rope.get_rope_index(
+        input_ids, attention_mask, image_grid_thw, image_token_id=config.image_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
+  return Qwen25VL(config).apply({"params": params}, jnp.asarray(input_ids),
+                                jnp.asarray(position_ids), causal_mask(jnp.asarray(attention_mask)),
+                                pixel_values, image_grid_thw)
+
+
+def _dummy_inputs(config: ModelConfig):
+  m = config.vision.spatial_merge_size
+  ids = jnp.full((1, 2), config.image_token_id, jnp.int32)
+  pixels = jnp.zeros((m * m, config.vision.patch_dim), jnp.float32)
+  grid = jnp.array([[1, m, m]], jnp.int32)
+  return ids, jnp.zeros((3, 1, 2), jnp.int32), jnp.ones((1, 2, 2), bool), pixels, grid
+
+
+def _init_boxed(config: ModelConfig, rng):
+  return Qwen25VL(config).init(rng, *_dummy_inputs(config))["params"]
+
+
+def init_params(config: ModelConfig, rng):
+  """Random parameters (normal(0.02) weights, unit norms, zero biases), unboxed."""
+  return nn.unbox(_init_boxed(config, rng))
+
+
+def abstract_params(config: ModelConfig):
+  """ShapeDtypeStructs of the parameter pytree; allocates nothing."""
+  return nn.unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
+
+
+def param_axes(config: ModelConfig):
+  """Pytree of logical axis-name tuples (a `PartitionSpec` per leaf) matching the params."""
+  return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))

@@ -1,0 +1,106 @@
+"""Tiny-model and input factories for tests (no downloads: everything is built here)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 390, 391, 392, 393
+VOCAB = 400
+
+# Three configs that differ in what the architecture branches on: tied/untied embeddings,
+# GQA ratio, mrope_section, window size, full-attention blocks and vision depth.
+TINY_CONFIGS = {
+    "tied_mha": dict(
+        text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, mrope=[2, 3, 3], tie=True),
+        vision=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
+                    window_size=56, fullatt_block_indexes=[1])),
+    "gqa2_wide_window": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, mrope=[4, 2, 2], tie=False),
+        vision=dict(depth=4, hidden_size=48, intermediate_size=64, num_heads=3,
+                    window_size=112, fullatt_block_indexes=[0, 3])),
+    "gqa4_unit_window": dict(
+        text=dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, mrope=[2, 3, 3], tie=False),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2,
+                    window_size=28, fullatt_block_indexes=[])),
+}
+
+
+def hf_config(name: str):
+  from transformers import Qwen2_5_VLConfig
+  spec = TINY_CONFIGS[name]
+  t, v = spec["text"], spec["vision"]
+  return Qwen2_5_VLConfig(
+      text_config=dict(
+          vocab_size=VOCAB, hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+          num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+          num_key_value_heads=t["num_key_value_heads"], rms_norm_eps=1e-6,
+          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                           "mrope_section": t["mrope"]},
+          tie_word_embeddings=t["tie"], bos_token_id=0, eos_token_id=1, pad_token_id=2),
+      vision_config=dict(
+          depth=v["depth"], hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+          num_heads=v["num_heads"], out_hidden_size=t["hidden_size"], window_size=v["window_size"],
+          fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
+          temporal_patch_size=2),
+      image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+      vision_end_token_id=VISION_END, tie_word_embeddings=t["tie"])
+
+
+def make_hf_model(name: str, seed: int = 0):
+  """A random fp32 HF model in eval mode, with non-trivial norms and biases."""
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  torch.manual_seed(seed)
+  model = Qwen2_5_VLForConditionalGeneration._from_config(
+      hf_config(name), attn_implementation="eager", dtype=torch.float32).eval()
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if pname.endswith("bias") or "norm" in pname or "ln_q" in pname:
+        p.add_(0.1 * torch.randn_like(p))  # HF initialises these to 0/1; make them matter
+  return model
+
+
+def save_tiny_hf(name: str, path: str, seed: int = 0, **save_kwargs):
+  model = make_hf_model(name, seed)
+  model.save_pretrained(path, **save_kwargs)
+  return model
+
+
+def random_image(rng: np.random.Generator, height: int, width: int):
+  from PIL import Image
+  return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hf_pixels(images):
+  """pixel_values, image_grid_thw from transformers' own Qwen2.5-VL image processor."""
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+      Qwen2VLImageProcessorPil
+  proc = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+  out = proc(images=images, return_tensors="np")
+  return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+
+
+def prompt_ids(rng: np.random.Generator, segments) -> list[int]:
+  """Token ids from segments: an int n is n random text tokens, ("img", k) an image with
+  k pad tokens wrapped in vision start/end."""
+  ids: list[int] = []
+  for seg in segments:
+    if isinstance(seg, tuple):
+      ids += [VISION_START] + [IMAGE_TOKEN] * seg[1] + [VISION_END]
+    else:
+      ids += rng.integers(3, 380, seg).tolist()
+  return ids
+
+
+def pad_batch(rows: list[list[int]], side: list[str], pad_id: int = 2):
+  """Pads rows to one length; side[i] is "left" or "right" for row i."""
+  t = max(len(r) for r in rows)
+  ids = np.full((len(rows), t), pad_id, np.int64)
+  mask = np.zeros((len(rows), t), np.int64)
+  for i, (r, s) in enumerate(zip(rows, side)):
+    sl = slice(t - len(r), t) if s == "left" else slice(0, len(r))
+    ids[i, sl], mask[i, sl] = r, 1
+  return ids, mask
