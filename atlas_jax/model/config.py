@@ -241,3 +241,37 @@ def to_hf_dict(config: ModelConfig) -> dict[str, Any]:
   d.update(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
            tie_word_embeddings=t.tie_word_embeddings, text_config=text_d, vision_config=vis_d)
   return d
+
+
+# ---------------------------------------------------------------------------------------
+# Published sizes (Qwen2.5-VL-*-Instruct config.json), by name.
+
+_VISION_3B_7B = VisionConfig(intermediate_size=3420)
+_VISION_32B_72B = VisionConfig(intermediate_size=3456)
+
+SIZES: dict[str, ModelConfig] = {
+    "qwen2.5-vl-3b": ModelConfig(
+        vision=dataclasses.replace(_VISION_3B_7B, out_hidden_size=2048),
+        text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                        tie_word_embeddings=True)),
+    "qwen2.5-vl-7b": ModelConfig(
+        vision=dataclasses.replace(_VISION_3B_7B, out_hidden_size=3584),
+        text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)),
+    "qwen2.5-vl-32b": ModelConfig(
+        vision=dataclasses.replace(_VISION_32B_72B, out_hidden_size=5120),
+        text=TextConfig(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                        num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8)),
+    "qwen2.5-vl-72b": ModelConfig(
+        vision=dataclasses.replace(_VISION_32B_72B, out_hidden_size=8192),
+        text=TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568,
+                        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8)),
+}
+
+
+def from_size(name: str, **runtime) -> ModelConfig:
+  """A published size by name (e.g. "qwen2.5-vl-7b"), with run-time fields set."""
+  if name not in SIZES:
+    raise ValueError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}")
+  return dataclasses.replace(SIZES[name], **runtime)
