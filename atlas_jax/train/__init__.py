@@ -1,0 +1,1 @@
+"""Training: state, optimizer, SFT loss and step."""
