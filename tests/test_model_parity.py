@@ -153,3 +153,26 @@ def test_patch_layout_matches_transformers_windows(tiny_hf, batch):
   assert all(len(set(g.tolist())) == 1 for g in groups)
   assert len({int(g[0]) for g in groups}) == len(groups)
   assert np.asarray(frame_id).max() == len(grid) - 1
+
+
+def test_batch_major_images_equal_flat_images(tiny_hf, batch):
+  """Per-sample pixel_values [B, P, C] (padded) give the flat form's logits."""
+  _, path, _ = tiny_hf
+  config, params = hf.load(path)
+  ids, mask, pixel_values, grid = batch
+  patches = grid.prod(-1)
+  per_sample = [[0, 1], [], [2]]  # which images each row holds (see _batch)
+  p_max, i_max = 64, 2
+  px = np.zeros((3, p_max, pixel_values.shape[1]), np.float32)
+  g = np.zeros((3, i_max, 3), np.int64)
+  starts = np.concatenate([[0], np.cumsum(patches)])
+  for b, imgs in enumerate(per_sample):
+    rows = np.concatenate([pixel_values[starts[i]:starts[i + 1]] for i in imgs] or
+                          [np.zeros((0, pixel_values.shape[1]), np.float32)])
+    px[b, :len(rows)] = rows
+    g[b, :len(imgs)] = grid[imgs]
+  fwd = jax.jit(vlm.forward, static_argnums=0)
+  flat = np.asarray(fwd(config, params, ids, mask, pixel_values, grid))
+  batched = np.asarray(fwd(config, params, ids, mask, px, g))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(batched[valid], flat[valid], atol=1e-5)

@@ -48,11 +48,25 @@ class Qwen25VL(nn.Module):
                                   name="lm_head")
 
   def embed_inputs(self, input_ids, pixel_values, image_grid_thw):
+    """Token embeddings with image features in the image-pad positions.
+
+    Flat (HF) form: pixel_values float[P, C*T*p*p], image_grid_thw int[I, 3], features
+    placed row-major over the batch. Batch-major form (training, rollout; shards over the
+    batch): pixel_values float[B, P, C*T*p*p], image_grid_thw int[B, I, 3], each sample's
+    features placed in its own row.
+    """
     x = self.embed(input_ids)
-    if pixel_values is not None:
+    if pixel_values is None:
+      return x
+    image_id = self.config.image_token_id
+    if pixel_values.ndim == 2:
       features = self.visual(pixel_values, image_grid_thw)
-      x = scatter_image_features(x, input_ids, features, self.config.image_token_id)
-    return x
+      return scatter_image_features(x, input_ids, features, image_id)
+    towers = nn.vmap(lambda tower, px, g: tower(px, g), variable_axes={"params": None},
+                     split_rngs={"params": False})
+    features = towers(self.visual, pixel_values, image_grid_thw)  # [B, U, D]
+    return jax.vmap(lambda e, i, f: scatter_image_features(e[None], i[None], f, image_id)[0])(
+        x, input_ids, features)
 
   def hidden_states(self, input_ids, position_ids, mask, pixel_values=None,
                     image_grid_thw=None, cache_index=None, cache=None):
@@ -95,16 +109,25 @@ def check_image_inputs(config: ModelConfig, input_ids, pixel_values, image_grid_
   if image_grid_thw is None:
     raise ValueError("pixel_values given without image_grid_thw")
   grid = np.asarray(image_grid_thw)
+  ids = np.asarray(input_ids)
+  if pixel_values.ndim == 3:  # batch-major: check each sample
+    for b in range(ids.shape[0]):
+      _check_sample(config, ids[b], pixel_values.shape[1], grid[b], f"sample {b}: ")
+  else:
+    _check_sample(config, ids, pixel_values.shape[0], grid, "")
+
+
+def _check_sample(config, ids, num_rows, grid, where):
   patches = int(grid.prod(-1).sum())
-  if pixel_values.shape[0] < patches:
-    raise ValueError(f"image_grid_thw describes {patches} patches but pixel_values has "
-                     f"{pixel_values.shape[0]} rows")
+  if num_rows < patches:
+    raise ValueError(f"{where}image_grid_thw describes {patches} patches but pixel_values has "
+                     f"{num_rows} rows")
   features = patches // config.vision.spatial_merge_size**2
-  n_tokens = int((np.asarray(input_ids) == config.image_token_id).sum())
+  n_tokens = int((ids == config.image_token_id).sum())
   if n_tokens != features:
-    raise ValueError(f"Image features and image tokens do not match: input_ids has {n_tokens} "
-                     f"<|image_pad|> tokens (id {config.image_token_id}) but image_grid_thw "
-                     f"gives {features} features")
+    raise ValueError(f"{where}Image features and image tokens do not match: input_ids has "
+                     f"{n_tokens} <|image_pad|> tokens (id {config.image_token_id}) but "
+                     f"image_grid_thw gives {features} features")
 
 
 def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None,
@@ -116,8 +139,8 @@ def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values
     params: the parameter pytree.
     input_ids: int[B, T]. attention_mask: int[B, T] (1 = real token).
     pixel_values: float[P, 3*2*14*14] flattened patches of all images (rows may be padded
-      past the grids' total), or None.
-    image_grid_thw: int[I, 3] (zero rows = padding images), or None.
+      past the grids' total), or batch-major float[B, P, 3*2*14*14], or None.
+    image_grid_thw: int[I, 3] (zero rows = padding images), or int[B, I, 3], or None.
     position_ids: int[3, B, T] M-RoPE ids; computed in-graph with `get_rope_index` when
       None (the data pipeline precomputes them on the host).
   Returns:
@@ -126,8 +149,9 @@ def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values
   if _is_concrete(input_ids, image_grid_thw):
     check_image_inputs(config, input_ids, pixel_values, image_grid_thw)
   if position_ids is None:
+    grid = None if image_grid_thw is None else jnp.reshape(image_grid_thw, (-1, 3))
     position_ids, _ = rope.get_rope_index(
-        input_ids, attention_mask, image_grid_thw, image_token_id=config.image_token_id,
+        input_ids, attention_mask, grid, image_token_id=config.image_token_id,
         spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
   return Qwen25VL(config).apply({"params": params}, jnp.asarray(input_ids),
                                 jnp.asarray(position_ids), causal_mask(jnp.asarray(attention_mask)),
