@@ -1,0 +1,145 @@
+"""The functional-token registry and the vocabulary-extension transform.
+
+Functional tokens are ordinary vocabulary entries (added as *normal*, non-special tokens so
+`decode(..., skip_special_tokens=True)` keeps them and rewards can see them), each standing
+for a visual operation the model performs internally.
+
+`extend_vocab` adds them to a Hugging Face tokenizer and makes the parameters agree: new ids
+take spare embedding rows first (Qwen2.5-VL-7B has 152064 rows for 151665 tokens);
+otherwise the embedding and the LM head grow to a multiple of 128. New rows start from the
+mean of the existing rows (`mean`) or from the mean embedding of a short description of
+the operation (`describe`). Calling it again changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from atlas_jax.model.config import ModelConfig
+
+FUNCTIONAL_TOKENS = ("<|Manip|>", "<|Line|>", "<|Arrow|>", "<|Shape|>", "<|Text|>")
+
+TOKEN_OPERATIONS = {
+    "<|Manip|>": "manipulate the view: focus on, crop, flip or rotate part of the image",
+    "<|Line|>": "draw an auxiliary line or highlight a segment in the image",
+    "<|Arrow|>": "point at an object or mark a direction or relation between objects",
+    "<|Shape|>": "outline or mark a region of the image",
+    "<|Text|>": "label, annotate or number objects in the image",
+}
+
+PAD_MULTIPLE = 128
+INIT_MODES = ("mean", "describe")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTable:
+  """token string -> id, in registry order. Saved with checkpoints; used by losses/rewards."""
+
+  ids: dict[str, int]
+
+  @property
+  def tokens(self) -> tuple[str, ...]:
+    return tuple(self.ids)
+
+  @property
+  def id_array(self) -> np.ndarray:
+    return np.array(list(self.ids.values()), np.int32)
+
+  def to_json(self) -> dict[str, int]:
+    return dict(self.ids)
+
+  @classmethod
+  def from_json(cls, d: dict[str, int]) -> TokenTable:
+    return cls({str(k): int(v) for k, v in d.items()})
+
+
+def owned_ids_mask(tokenizer, vocab_size: int) -> np.ndarray:
+  """bool[vocab_size]: True for ids that some token of the tokenizer owns.
+
+  Rows past the tokenizer (padding of the embedding) are False; samplers never produce them.
+  """
+  owned = np.zeros(vocab_size, bool)
+  ids = np.fromiter(tokenizer.get_vocab().values(), np.int64)
+  owned[ids[ids < vocab_size]] = True
+  return owned
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _new_rows(matrix: np.ndarray, old_rows: np.ndarray, mode: str, new_tokens, tokenizer):
+  """Initial rows float[len(new_tokens), D] for a [V, D] matrix."""
+  if mode == "mean":
+    mean = matrix[old_rows].astype(np.float64).mean(0)
+    return np.tile(mean, (len(new_tokens), 1))
+  rows = []
+  for token in new_tokens:
+    text = TOKEN_OPERATIONS.get(token, token.strip("<|>"))
+    ids = [i for i in tokenizer.encode(text, add_special_tokens=False) if i < len(old_rows)
+           and old_rows[i]]
+    if not ids:
+      raise ValueError(f"description of {token} tokenizes to no existing id; cannot use "
+                       "init='describe'")
+    rows.append(matrix[ids].astype(np.float64).mean(0))
+  return np.stack(rows)
+
+
+def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKENS,
+                 init: str = "mean"):
+  """Adds `tokens` to the tokenizer (in place) and fits params/config to it.
+
+  Args:
+    tokenizer: a transformers tokenizer loaded from a local directory; modified in place.
+    params: model params (host or device arrays); not modified.
+    config: the ModelConfig of `params`.
+    tokens: token strings to register, in order.
+    init: "mean" or "describe" for the rows of newly added tokens.
+  Returns:
+    (params, config, TokenTable). Idempotent: a second call returns the same ids and
+    leaves params untouched.
+  """
+  from tokenizers import AddedToken
+
+  if init not in INIT_MODES:
+    raise ValueError(f"init {init!r} is not one of {INIT_MODES}")
+  vocab = tokenizer.get_vocab()
+  special = set(getattr(tokenizer, "all_special_tokens", []))
+  clash = [t for t in tokens if t in special]
+  if clash:
+    raise ValueError(f"{clash[0]} is already a special token of the tokenizer; functional "
+                     "tokens must be normal tokens so decoding keeps them")
+  new_tokens = [t for t in tokens if t not in vocab]
+  owned_before = owned_ids_mask(tokenizer, config.text.vocab_size)
+  if new_tokens:
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False)
+                          for t in new_tokens])
+  vocab = tokenizer.get_vocab()
+  table = TokenTable({t: int(vocab[t]) for t in tokens})
+  for t in tokens:  # a normal token must encode to exactly its own id
+    if tokenizer.encode(t, add_special_tokens=False) != [table.ids[t]]:
+      raise ValueError(f"{t} does not encode to the single id {table.ids[t]}")
+  if not new_tokens:
+    return params, config, table
+
+  rows = config.text.vocab_size
+  needed = max(vocab.values()) + 1
+  new_rows = _round_up(needed, PAD_MULTIPLE) if needed > rows else rows
+  new_ids = np.array([table.ids[t] for t in new_tokens])
+
+  def refit(matrix: np.ndarray) -> np.ndarray:  # [V, D] -> [new_rows, D]
+    out = np.zeros((new_rows, matrix.shape[1]), matrix.dtype)
+    out[:rows] = matrix
+    out[new_ids] = _new_rows(matrix, owned_before, init, new_tokens, tokenizer)
+    return out
+
+  params = dict(params)
+  embed = np.asarray(params["embed"]["embedding"])
+  params["embed"] = {"embedding": refit(embed)}
+  if "lm_head" in params:
+    head = np.asarray(params["lm_head"]["kernel"])  # [D, V]
+    params["lm_head"] = {"kernel": refit(head.T).T.copy()}
+  config = config.replace_text(vocab_size=new_rows)
+  return params, config, table
