@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.model.config import ModelConfig
@@ -70,21 +71,23 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def _new_rows(matrix: np.ndarray, old_rows: np.ndarray, mode: str, new_tokens, tokenizer):
-  """Initial rows float[len(new_tokens), D] for a [V, D] matrix."""
+def _new_rows(matrix, owned, mode: str, new_tokens, tokenizer):
+  """Initial rows float32[len(new_tokens), D] for a [V, D] matrix (host or device array)."""
+  matrix = jnp.asarray(matrix, jnp.float32)
   if mode == "mean":
-    mean = matrix[old_rows].astype(np.float64).mean(0)
-    return np.tile(mean, (len(new_tokens), 1))
+    weights = jnp.asarray(owned, jnp.float32) / owned.sum()
+    mean = jnp.einsum("V,VD->D", weights, matrix)
+    return jnp.tile(mean[None], (len(new_tokens), 1))
   rows = []
   for token in new_tokens:
     text = TOKEN_OPERATIONS.get(token, token.strip("<|>"))
-    ids = [i for i in tokenizer.encode(text, add_special_tokens=False) if i < len(old_rows)
-           and old_rows[i]]
+    ids = [i for i in tokenizer.encode(text, add_special_tokens=False)
+           if i < len(owned) and owned[i]]
     if not ids:
       raise ValueError(f"description of {token} tokenizes to no existing id; cannot use "
                        "init='describe'")
-    rows.append(matrix[ids].astype(np.float64).mean(0))
-  return np.stack(rows)
+    rows.append(jnp.mean(matrix[jnp.asarray(ids)], axis=0))
+  return jnp.stack(rows)
 
 
 def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKENS,
@@ -93,7 +96,8 @@ def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKEN
 
   Args:
     tokenizer: a transformers tokenizer loaded from a local directory; modified in place.
-    params: model params (host or device arrays); not modified.
+    params: model params (host or device arrays); not modified. Only the embedding and
+      LM head change, with jnp operations (sharded arrays stay on device).
     config: the ModelConfig of `params`.
     tokens: token strings to register, in order.
     init: "mean" or "describe" for the rows of newly added tokens.
@@ -129,17 +133,14 @@ def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKEN
   new_rows = _round_up(needed, PAD_MULTIPLE) if needed > rows else rows
   new_ids = np.array([table.ids[t] for t in new_tokens])
 
-  def refit(matrix: np.ndarray) -> np.ndarray:  # [V, D] -> [new_rows, D]
-    out = np.zeros((new_rows, matrix.shape[1]), matrix.dtype)
-    out[:rows] = matrix
-    out[new_ids] = _new_rows(matrix, owned_before, init, new_tokens, tokenizer)
-    return out
+  def refit(matrix):  # [V, D] -> [new_rows, D]
+    init_rows = _new_rows(matrix, owned_before, init, new_tokens, tokenizer)
+    matrix = jnp.pad(jnp.asarray(matrix), ((0, new_rows - rows), (0, 0)))
+    return matrix.at[new_ids].set(init_rows.astype(matrix.dtype))
 
   params = dict(params)
-  embed = np.asarray(params["embed"]["embedding"])
-  params["embed"] = {"embedding": refit(embed)}
+  params["embed"] = {"embedding": refit(params["embed"]["embedding"])}
   if "lm_head" in params:
-    head = np.asarray(params["lm_head"]["kernel"])  # [D, V]
-    params["lm_head"] = {"kernel": refit(head.T).T.copy()}
+    params["lm_head"] = {"kernel": refit(params["lm_head"]["kernel"].T).T}
   config = config.replace_text(vocab_size=new_rows)
   return params, config, table

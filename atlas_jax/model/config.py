@@ -275,3 +275,14 @@ def from_size(name: str, **runtime) -> ModelConfig:
   if name not in SIZES:
     raise ValueError(f"unknown model size {name!r}; expected one of {sorted(SIZES)}")
   return dataclasses.replace(SIZES[name], **runtime)
+
+
+# A tiny model for CPU tests and the demo. Its vocab_size is refitted to the tokenizer when
+# initialised from scratch.
+SIZES["tiny"] = ModelConfig(
+    vision=VisionConfig(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                        out_hidden_size=128, window_size=56, fullatt_block_indexes=(1,)),
+    text=TextConfig(vocab_size=1152, hidden_size=128, intermediate_size=384,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    mrope_section=(4, 6, 6), tie_word_embeddings=True,
+                    max_position_embeddings=4096))
