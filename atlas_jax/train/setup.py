@@ -1,0 +1,168 @@
+"""What every recipe does before its first step: validate the config, start multi-host JAX,
+build the mesh, load the tokenizer and the model (with the functional tokens added), and
+build the datasets. Each function is usable on its own from a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from atlas_jax import functional_tokens, hf, sharding
+from atlas_jax.model import SIZES, ModelConfig, from_size, init_params
+
+RECIPES = ("sft", "rl")
+
+
+def validate_config(c) -> None:
+  """Stops before any work with one sentence naming the bad field and what was expected."""
+  if c.recipe not in RECIPES:
+    raise ValueError(f"config.recipe {c.recipe!r} is not one of {RECIPES}")
+  if not c.model.hf_path and c.model.size not in SIZES:
+    raise ValueError(f"config.model.size {c.model.size!r} is not one of {sorted(SIZES)} "
+                     "(or set config.model.hf_path)")
+  if c.model.hf_path and not os.path.isdir(c.model.hf_path):
+    raise ValueError(f"config.model.hf_path {c.model.hf_path!r} is not a directory")
+  for name in ("train_jsonl", "test_jsonl"):
+    path = c.data[name]
+    if path and not os.path.isfile(path):
+      raise ValueError(f"config.data.{name} {path!r} does not exist")
+  buckets = tuple(c.data.length_buckets)
+  if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] > c.data.max_length:
+    raise ValueError(f"config.data.length_buckets {buckets} must be strictly increasing and end "
+                     f"at or below data.max_length {c.data.max_length}")
+  chunk = c.train.logprob_chunk
+  if any(b % min(chunk, b) for b in buckets):
+    raise ValueError(f"config.train.logprob_chunk {chunk} must divide every length bucket "
+                     f"{buckets}")
+  if c.data.max_patches % 4:
+    raise ValueError(f"config.data.max_patches {c.data.max_patches} must be a multiple of 4")
+  if c.data.max_pixels // 196 > c.data.max_patches * max(c.data.max_images, 1):
+    raise ValueError(f"config.data.max_patches {c.data.max_patches} cannot hold an image of "
+                     f"data.max_pixels {c.data.max_pixels} ({c.data.max_pixels // 196} patches)")
+  tokens = tuple(c.functional_tokens.tokens)
+  if len(set(tokens)) != len(tokens) or not all(t.startswith("<|") for t in tokens):
+    raise ValueError(f"config.functional_tokens.tokens {tokens} must be distinct <|...|> "
+                     "strings")
+  if c.functional_tokens.init not in functional_tokens.INIT_MODES:
+    raise ValueError(f"config.functional_tokens.init {c.functional_tokens.init!r} is not one "
+                     f"of {functional_tokens.INIT_MODES}")
+  if c.optim.grad_accum < 1 or c.train.steps < 1 or c.data.batch_size < 1:
+    raise ValueError("config.optim.grad_accum, train.steps and data.batch_size must be >= 1")
+  if c.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.model.dtype {c.model.dtype!r} is not float32/bfloat16/float16")
+
+
+def maybe_initialize_distributed(c) -> None:
+  """`jax.distributed.initialize` when the config asks (fields left empty/-1 come from the
+  environment: TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS etc.)."""
+  d = c.distributed
+  if not d.initialize:
+    return
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs["num_processes"] = d.num_processes
+  if d.process_id >= 0:
+    kwargs["process_id"] = d.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(c):
+  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if c.data.batch_size % batch_ways:
+    raise ValueError(f"config.data.batch_size {c.data.batch_size} is not divisible by the "
+                     f"mesh's data x fsdp = {batch_ways} batch shards")
+  return mesh
+
+
+def load_tokenizer(c, workdir: str):
+  """The tokenizer from config.tokenizer.path or model.hf_path; else the tiny BPE built (once)
+  under <workdir>/base_tokenizer."""
+  from transformers import AutoTokenizer
+  path = c.tokenizer.path or c.model.hf_path
+  if path:
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+  from atlas_jax.data.tokenizer import build_tokenizer
+  out = os.path.join(workdir, "base_tokenizer")
+  if os.path.isfile(os.path.join(out, "tokenizer.json")):
+    return AutoTokenizer.from_pretrained(out, local_files_only=True)
+  return build_tokenizer(out)
+
+
+def _token_id(tokenizer, token: str) -> int:
+  tid = tokenizer.convert_tokens_to_ids(token)
+  if tid is None or tid == tokenizer.unk_token_id:
+    raise ValueError(f"the tokenizer has no {token} token; expected a Qwen2.5-VL tokenizer")
+  return int(tid)
+
+
+def fit_to_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
+  """A from-scratch config whose vocab and special ids come from the tokenizer."""
+  vocab = -(-len(tokenizer) // functional_tokens.PAD_MULTIPLE) * functional_tokens.PAD_MULTIPLE
+  return dataclasses.replace(
+      config.replace_text(vocab_size=vocab),
+      image_token_id=_token_id(tokenizer, "<|image_pad|>"),
+      video_token_id=_token_id(tokenizer, "<|video_pad|>"),
+      vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
+      vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
+      eos_token_id=_token_id(tokenizer, "<|im_end|>"),
+      bos_token_id=_token_id(tokenizer, "<|endoftext|>"),
+      pad_token_id=_token_id(tokenizer, "<|endoftext|>"))
+
+
+def load_model(c, tokenizer, mesh):
+  """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
+  runtime = dict(dtype=c.model.dtype, remat=c.model.remat)
+  if c.model.hf_path:
+    config, params = hf.load(c.model.hf_path, compute_dtype=c.model.dtype, remat=c.model.remat)
+    image_id = _token_id(tokenizer, "<|image_pad|>")
+    if image_id != config.image_token_id:
+      raise ValueError(f"tokenizer's <|image_pad|> id {image_id} differs from config.json's "
+                       f"image_token_id {config.image_token_id}")
+  else:
+    config = fit_to_tokenizer(from_size(c.model.size, **runtime), tokenizer)
+    shardings = sharding.param_shardings(mesh, config)
+    params = jax.jit(lambda: init_params(config, jax.random.key(c.seed)),
+                     out_shardings=shardings)()
+  params, config, table = functional_tokens.extend_vocab(
+      tokenizer, params, config, tuple(c.functional_tokens.tokens), c.functional_tokens.init)
+  params = jax.device_put(params, sharding.param_shardings(mesh, config))
+  return config, params, table
+
+
+def prepare_data(c, workdir: str):
+  """Builds (once) the TFDS dataset from the configured JSONL, or from a generated synthetic
+  suite. Returns (data_dir of the TFDS dataset, build report dict)."""
+  from atlas_jax.data import synthetic, tfds_builder
+  root = c.data.dataset_dir or os.path.join(workdir, "data")
+  splits = {}
+  if c.data.train_jsonl:
+    splits["train"] = c.data.train_jsonl
+    if c.data.test_jsonl:
+      splits["test"] = c.data.test_jsonl
+  else:
+    raw = os.path.join(root, "synthetic")
+    splits["train"] = synthetic.generate_suite(
+        raw, n_per_family=c.data.synthetic_per_family, seed=c.data.synthetic_seed,
+        split="train")
+    splits["test"] = synthetic.generate_suite(
+        raw, n_per_family=c.data.synthetic_test_per_family, seed=c.data.synthetic_seed + 1,
+        split="test")
+  report = tfds_builder.build_dataset(splits=splits, data_dir=os.path.join(root, "tfds"))
+  return report
+
+
+def host_batch_to_device(batch: dict, mesh) -> dict:
+  """Process-local numpy batch -> global arrays sharded over the batch axes. Host-only
+  fields (strings) stay behind."""
+  out = {}
+  for k, v in batch.items():
+    if isinstance(v, np.ndarray) and v.dtype != object:
+      out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+  return out

@@ -1,0 +1,36 @@
+"""Trains ATLAS: SFT or LA-GRPO, as the config's `recipe` says.
+
+  python -m launch.train --config=configs/sft.py:tiny --workdir=/tmp/atlas_sft
+  python -m launch.train --config=configs/sft.py:tiny --workdir=/tmp/atlas_sft \
+      --config.train.steps=20 --config.optim.lr=1e-3
+
+Overrides are checked against the config (a typo in a field name stops the launch);
+the workdir resumes by itself from its latest checkpoint.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the dataset.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  c = FLAGS.config
+  if c.recipe == "sft":
+    from atlas_jax.train.loop import train_sft
+    train_sft(c, FLAGS.workdir)
+  elif c.recipe == "rl":
+    from atlas_jax.rl.loop import train_rl
+    train_rl(c, FLAGS.workdir)
+  else:
+    raise app.UsageError(f"config.recipe {c.recipe!r} is not 'sft' or 'rl'")
+
+
+if __name__ == "__main__":
+  app.run(main)
