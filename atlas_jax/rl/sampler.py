@@ -1,0 +1,199 @@
+"""Rollouts with the training params and forward code: one jitted prefill (vision tower and
+prompt), then a `lax.while_loop` decode over an explicit, static KV cache.
+
+Letters: B prompts, G samples per prompt, R = B*G rows, T prompt length (left-padded),
+N max new tokens, S = T + N cache length, L layers, K kv heads, H head dim, V vocab.
+
+The loop state is an immutable dataclass; `SamplerSettings` holds only static, hashable
+settings. Log-probs returned are fp32, of the sampled token under the full-vocabulary,
+temperature-scaled distribution (what the trainer computes); ids that no token owns and
+the vision placeholders are never sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from atlas_jax.model import rope, vlm
+from atlas_jax.model.config import ModelConfig
+
+CACHE_AXES = ("layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """Static settings. temperature 0 (or greedy=True) is greedy decoding; top_k 0 and
+  top_p 1.0 disable those filters."""
+
+  max_new_tokens: int
+  samples_per_prompt: int = 1
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0.0
+
+
+@flax.struct.dataclass
+class SamplerState:
+  step: jax.Array          # int32[]: tokens generated so far
+  tokens: jax.Array        # int32[R, N]
+  logps: jax.Array         # float32[R, N]
+  done: jax.Array          # bool[R]
+  next_position: jax.Array  # int32[R]: M-RoPE position of the next token (all 3 axes)
+  prompt_mask: jax.Array   # bool[R, T]
+  cache: dict              # {"k", "v"}: [L, R, S, K, H]
+  rng: jax.Array           # typed key
+
+
+def _filter_logits(logits, settings: SamplerSettings):
+  """Top-k then top-p (nucleus) filtering of float32[R, V] logits."""
+  neg = jnp.finfo(jnp.float32).min
+  if settings.top_k > 0:
+    kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if settings.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep = before < settings.top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return logits
+
+
+def _choose(logits, allowed, rng, settings: SamplerSettings):
+  """Samples int32[R] from float32[R, V] logits; returns (token, its full-vocab log-prob)."""
+  temperature = 1.0 if settings.is_greedy else settings.temperature
+  scaled = logits / temperature
+  logp_all = jax.nn.log_softmax(scaled, axis=-1)
+  masked = jnp.where(allowed[None, :], scaled, jnp.finfo(jnp.float32).min)
+  if settings.is_greedy:
+    token = jnp.argmax(masked, axis=-1)
+  else:
+    token = jax.random.categorical(rng, _filter_logits(masked, settings), axis=-1)
+  token = token.astype(jnp.int32)
+  return token, jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
+
+
+def _record(state_tokens, state_logps, step, token, logp, done, settings):
+  token = jnp.where(done, settings.pad_id, token)
+  logp = jnp.where(done, 0.0, logp)
+  tokens = jax.lax.dynamic_update_slice_in_dim(state_tokens, token[:, None], step, axis=1)
+  logps = jax.lax.dynamic_update_slice_in_dim(state_logps, logp[:, None], step, axis=1)
+  stopped = done | jnp.isin(token, jnp.asarray(settings.stop_ids, jnp.int32))
+  return tokens, logps, stopped
+
+
+def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values,
+            image_grid_thw, rng, allowed, settings: SamplerSettings) -> SamplerState:
+  """Encodes images and prompts, samples the first token of each of the G rollouts.
+
+  input_ids, attention_mask: int32[B, T], left-padded. pixel_values / image_grid_thw: in
+  the batch-major form (float32[B, P, C], int32[B, I, 3]) or None. allowed: bool[V].
+  """
+  b, t = input_ids.shape
+  g, n = settings.samples_per_prompt, settings.max_new_tokens
+  s = t + n
+  model = vlm.Qwen25VL(config)
+  grid = None if image_grid_thw is None else image_grid_thw.reshape(-1, 3)
+  position_ids, deltas = rope.get_rope_index(
+      input_ids, attention_mask, grid, image_token_id=config.image_token_id,
+      spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
+  tc = config.text
+  dtype = jnp.dtype(config.dtype)
+  cache_shape = (tc.num_hidden_layers, b, s, tc.num_key_value_heads, tc.head_dim)
+  cache = {"k": jnp.zeros(cache_shape, dtype), "v": jnp.zeros(cache_shape, dtype)}
+  cache = nn.with_logical_constraint(cache, CACHE_AXES)
+  prompt_mask = attention_mask.astype(bool)
+  mask = jnp.pad(vlm.causal_mask(attention_mask), ((0, 0), (0, 0), (0, n)))
+  hidden, cache = model.apply({"params": params}, input_ids, position_ids, mask, pixel_values,
+                              image_grid_thw, 0, cache, method=vlm.Qwen25VL.hidden_states)
+  logits = model.apply({"params": params}, hidden[:, -1], method=vlm.Qwen25VL.logits)
+
+  # G rollouts per prompt share the prompt's cache.
+  repeat = lambda x: jnp.repeat(x, g, axis=0)
+  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=1), cache)
+  cache = nn.with_logical_constraint(cache, CACHE_AXES)
+  rng, key = jax.random.split(rng)
+  token, logp = _choose(repeat(logits), allowed, key, settings)
+  done = jnp.zeros((b * g,), bool)
+  tokens, logps, done = _record(jnp.full((b * g, n), settings.pad_id, jnp.int32),
+                                jnp.zeros((b * g, n), jnp.float32), 0, token, logp, done,
+                                settings)
+  next_position = repeat(prompt_mask.sum(-1).astype(jnp.int32) + deltas)
+  return SamplerState(step=jnp.ones((), jnp.int32), tokens=tokens, logps=logps, done=done,
+                      next_position=next_position, prompt_mask=repeat(prompt_mask),
+                      cache=cache, rng=rng)
+
+
+def decode(config: ModelConfig, params, state: SamplerState, allowed,
+           settings: SamplerSettings) -> SamplerState:
+  """Generates until every row has stopped or N tokens exist (`lax.while_loop`)."""
+  model = vlm.Qwen25VL(config)
+  n = settings.max_new_tokens
+  t = state.prompt_mask.shape[1]
+
+  def cond(st: SamplerState):
+    return (st.step < n) & ~jnp.all(st.done)
+
+  def body(st: SamplerState):
+    last = jax.lax.dynamic_slice_in_dim(st.tokens, st.step - 1, 1, axis=1)  # [R, 1]
+    index = t + st.step - 1  # cache slot of `last`
+    slots = jnp.arange(t + n)
+    keys = jnp.concatenate([st.prompt_mask, jnp.zeros((st.done.shape[0], n), bool)], axis=1)
+    keys = keys | ((slots >= t) & (slots <= index))[None, :]
+    positions = jnp.broadcast_to(st.next_position[None, :, None] + st.step - 1,
+                                 (3, st.done.shape[0], 1))
+    hidden, cache = model.apply({"params": params}, last, positions, keys[:, None, :], None,
+                                None, index, st.cache, method=vlm.Qwen25VL.hidden_states)
+    cache = nn.with_logical_constraint(cache, CACHE_AXES)
+    logits = model.apply({"params": params}, hidden[:, 0], method=vlm.Qwen25VL.logits)
+    rng, key = jax.random.split(st.rng)
+    token, logp = _choose(logits, allowed, key, settings)
+    tokens, logps, done = _record(st.tokens, st.logps, st.step, token, logp, st.done, settings)
+    return st.replace(step=st.step + 1, tokens=tokens, logps=logps, done=done, cache=cache,
+                      rng=rng)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def completion_mask(tokens, settings: SamplerSettings):
+  """int32[R, N]: 1 on generated tokens up to and including the first stop token."""
+  is_stop = jnp.isin(tokens, jnp.asarray(settings.stop_ids, jnp.int32))
+  stopped_before = jnp.cumsum(is_stop, axis=1) - is_stop
+  return (stopped_before == 0).astype(jnp.int32)
+
+
+class Sampler:
+  """Jitted prefill + decode for one model config and settings; params are arguments.
+
+  `sample(params, batch, rng)` -> dict(tokens int32[R, N], mask int32[R, N],
+  logps float32[R, N]) with R = B * samples_per_prompt, rows grouped by prompt.
+  """
+
+  def __init__(self, config: ModelConfig, settings: SamplerSettings, allowed):
+    self.config, self.settings = config, settings
+    self.allowed = jnp.asarray(allowed, bool)
+    self._prefill = jax.jit(functools.partial(prefill, config, settings=settings))
+    self._decode = jax.jit(functools.partial(decode, config, settings=settings),
+                           donate_argnums=1)
+
+  def sample(self, params, batch: dict, rng) -> dict:
+    state = self._prefill(params, batch["input_ids"], batch["attention_mask"],
+                          batch.get("pixel_values"), batch.get("image_grid_thw"), rng,
+                          self.allowed)
+    state = self._decode(params, state, self.allowed)
+    mask = completion_mask(state.tokens, self.settings)
+    return {"tokens": state.tokens, "mask": mask, "logps": state.logps * mask}
