@@ -1,0 +1,156 @@
+"""The RL loop: rollout -> reward -> LA-GRPO update, resumable from its workdir like SFT.
+
+Start: params from an orbax SFT checkpoint (config.model.init_checkpoint), else from
+config.model.hf_path or a fresh init. Each step samples G completions for each of B
+prompts with the current params, scores them on the host, computes group advantages,
+takes the trainer's log-probs once (the "old" policy for the mu inner updates, and the
+reference for the sampler-vs-trainer drift metric), then applies mu updates.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atlas_jax import checkpoint as checkpoint_lib
+from atlas_jax import functional_tokens, sharding
+from atlas_jax.data import pipeline
+from atlas_jax.rl import grpo, rollout
+from atlas_jax.rl import rewards as rewards_lib
+from atlas_jax.rl.sampler import Sampler, SamplerSettings
+from atlas_jax.rl.update import rl_step, token_logps
+from atlas_jax.train import loop as sft_loop
+from atlas_jax.train import optimizer as optimizer_lib
+from atlas_jax.train import setup
+
+
+def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None) -> Sampler:
+  tok = run.tokenizer
+  allowed = functional_tokens.owned_ids_mask(tok, run.model_config.text.vocab_size)
+  cfg = run.model_config
+  for tid in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+              cfg.vision_end_token_id):
+    allowed[tid] = False
+  stop = tuple(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}))
+  settings = SamplerSettings(
+      max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
+      top_p=rl.top_p, greedy=greedy, stop_ids=stop, pad_id=tok.pad_token_id,
+      samples_per_prompt=rl.group_size if group_size is None else group_size)
+  return Sampler(cfg, settings, allowed)
+
+
+def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
+  """Greedy rollouts on up to `max_prompts` prompts: accuracy, reward, functional tokens."""
+  c = run.config
+  opts = dict(sft_loop.data_options(c, run.tokenizer, shuffle=False),
+              batch_size=rl.prompts_per_step)
+  iterator = pipeline.rl_pipeline(source, num_epochs=1, **opts)
+  sampler = sampler_for(run, rl, greedy=True, group_size=1)
+  totals, comps, func, lengths, seen = [], {}, [], [], 0
+  t0, generated = time.perf_counter(), 0
+  with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
+    for batch in iterator:
+      if seen >= max_prompts:
+        break
+      out = jax.device_get(sampler.sample(params, setup.host_batch_to_device(batch, run.mesh),
+                                          jax.random.key(0)))
+      texts = rollout.decode_completions(run.tokenizer, out["tokens"], out["mask"])
+      samples = rollout.host_samples(batch, 1)
+      total, parts = rewards_lib.compute_rewards(texts, samples, reward_cfg,
+                                                 num_tokens=out["mask"].sum(1).tolist())
+      keep = min(len(texts), max_prompts - seen)
+      seen += keep
+      totals.append(total[:keep])
+      for k, v in parts.items():
+        comps.setdefault(k, []).append(v[:keep])
+      func.append(rollout.functional_counts(texts[:keep], run.table.tokens))
+      lengths.append(out["mask"].sum(1)[:keep])
+      generated += int(out["mask"].sum())
+  elapsed = time.perf_counter() - t0
+  result = {"reward": float(np.concatenate(totals).mean()),
+            "functional_per_completion": float(np.concatenate(func).mean()),
+            "completion_length": float(np.concatenate(lengths).mean()),
+            "prompts": float(seen), "rollout_tokens_per_s": generated / elapsed}
+  result.update({k: float(np.concatenate(v).mean()) for k, v in comps.items()})
+  return result
+
+
+def train_rl(c, workdir: str):
+  """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics)."""
+  rl = c.rl
+  run, params = sft_loop.start(c, workdir, c.train.steps)
+  if c.model.init_checkpoint:
+    shardings = sharding.param_shardings(run.mesh, run.model_config)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            params, shardings)
+    params = checkpoint_lib.restore_params_only(c.model.init_checkpoint, None, abstract)
+  ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None
+  optim = sft_loop.resolve_optim(c)
+  optimizer = optimizer_lib.make_optimizer(optim)
+  schedule = optimizer_lib.learning_rate_schedule(optim)
+  state, state_sh = sft_loop.create_state(run, params, optimizer)
+  source = pipeline.open_source(run.data_report, "train")
+  opts = dict(sft_loop.data_options(c, run.tokenizer), batch_size=rl.prompts_per_step)
+  iterator = pipeline.rl_pipeline(source, **opts)
+  state = sft_loop.maybe_restore(run, state, state_sh, iterator)
+  reward_cfg = rl.reward
+  sampler = sampler_for(run, rl)
+  functional_ids = jnp.asarray(run.table.id_array)
+  chunk = c.train.logprob_chunk
+  old_logps = jax.jit(functools.partial(token_logps, run.model_config, chunk=chunk,
+                                        temperature=rl.temperature))
+  update = jax.jit(functools.partial(rl_step, config=run.model_config, optimizer=optimizer,
+                                     rl=rl, functional_ids=functional_ids, chunk=chunk),
+                   out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=0)
+
+  last: dict = {}
+  for step in range(int(state.step) // rl.inner_updates, c.train.steps // rl.inner_updates):
+    t0 = time.perf_counter()
+    prompts_host = next(iterator)
+    prompts = setup.host_batch_to_device(prompts_host, run.mesh)
+    key = jax.random.fold_in(state.step_key(), 1)
+    with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
+      out = sampler.sample(state.params, prompts, key)
+    tokens, mask = jax.device_get((out["tokens"], out["mask"]))
+    t_rollout = time.perf_counter() - t0
+    texts = rollout.decode_completions(run.tokenizer, tokens, mask)
+    samples = rollout.host_samples(prompts_host, rl.group_size)
+    total, parts = rewards_lib.compute_rewards(texts, samples, reward_cfg,
+                                               num_tokens=mask.sum(1).tolist())
+    advantages = grpo.group_advantages(jnp.asarray(total), rl.group_size,
+                                       scale_by_std=rl.scale_adv_by_std)
+    batch = rollout.assemble(prompts, out, advantages, group_size=rl.group_size)
+    with sharding.with_rules(run.mesh, sharding.RULES):
+      batch["old_logp"], _ = old_logps(state.params, batch)
+      if ref_params is not None:
+        batch["ref_logp"], _ = old_logps(ref_params, batch)
+      metrics = []
+      for _ in range(rl.inner_updates):
+        state, m = update(state, batch)
+        metrics.append(m)
+    pred_mask = np.asarray(batch["completion_mask"][:, 1:])  # prediction layout, j -> j + 1
+    drift = np.abs(np.asarray(batch["old_logp"][:, :-1] - batch["sampler_logp"][:, :-1]))
+    m = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[0]}
+    m.update(reward=float(total.mean()), **{f"reward_{k}": float(v.mean())
+                                           for k, v in parts.items()},
+             functional_per_completion=float(
+                 rollout.functional_counts(texts, run.table.tokens).mean()),
+             completion_length=float(mask.sum(1).mean()),
+             logp_drift=float((drift * pred_mask).sum() / max(pred_mask.sum(), 1)),
+             rollout_tokens_per_s=float(mask.sum()) / t_rollout,
+             step_seconds=time.perf_counter() - t0,
+             learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
+    done = int(state.step)
+    if done % c.train.log_every < rl.inner_updates or done >= c.train.steps:
+      run.writer.write(done, m, prefix="rl")
+    last = m
+    run.checkpointer.save(done, state, data_state=iterator.get_state(),
+                          extra=sft_loop.checkpoint_extra(run), force=done >= c.train.steps)
+  run.checkpointer.wait()
+  run.checkpointer.close()
+  run.writer.close()
+  return state, last

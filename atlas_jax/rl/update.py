@@ -1,0 +1,87 @@
+"""The LA-GRPO update: rollouts in, one optimizer step out.
+
+Letters: R rollouts, T prompt length, N completion length, L = T + N.
+
+A rollout batch is batch-major: `input_ids`/`attention_mask` int32[R, L] (left-padded
+prompt, then the completion), `completion_mask` int32[R, L] (1 on generated tokens),
+`advantages` float32[R], optional `pixel_values` float32[R, P, C] / `image_grid_thw`
+int32[R, I, 3], and per-token arrays in *prediction layout* float32[R, L] (entry j belongs
+to the token at j + 1, the one predicted from position j): `old_logp` (trainer log-probs
+before this batch's updates), `sampler_logp`, optional `ref_logp`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from atlas_jax.model import rope
+from atlas_jax.model.config import ModelConfig
+from atlas_jax.rl import grpo
+from atlas_jax.train import sft
+from atlas_jax.train.state import TrainState
+
+
+def with_positions(config: ModelConfig, batch: dict) -> dict:
+  """Adds M-RoPE position_ids int32[R, 3, L] (computed in-graph) if absent."""
+  if "position_ids" in batch:
+    return batch
+  grid = batch.get("image_grid_thw")
+  pos, _ = rope.get_rope_index(
+      batch["input_ids"], batch["attention_mask"], None if grid is None else grid.reshape(-1, 3),
+      image_token_id=config.image_token_id,
+      spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
+  return dict(batch, position_ids=jnp.transpose(pos, (1, 0, 2)))
+
+
+def prediction_mask(batch: dict):
+  """float32[R, L]: 1 where position j predicts a completion token (j + 1)."""
+  m = batch["completion_mask"]
+  return jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1).astype(jnp.float32)
+
+
+def token_logps(config: ModelConfig, params, batch: dict, *, chunk: int,
+                temperature: float = 1.0):
+  """Trainer log-probs and entropies float32[R, L] (prediction layout) of a rollout batch."""
+  batch = with_positions(config, batch)
+  hidden = sft.model_hidden(config, params, batch)
+  targets = jnp.concatenate([batch["input_ids"][:, 1:],
+                             jnp.zeros_like(batch["input_ids"][:, :1])], axis=1)
+  stats = sft.chunked_token_stats(config, params, hidden, targets, chunk, temperature)
+  return stats["logp"], stats["entropy"]
+
+
+def rl_loss(config: ModelConfig, params, batch: dict, *, rl, functional_ids, chunk: int):
+  """LA-GRPO loss and metrics. `rl` is the config's rl group."""
+  logp, entropy = token_logps(config, params, batch, chunk=chunk, temperature=rl.temperature)
+  mask = prediction_mask(batch)
+  targets = jnp.concatenate([batch["input_ids"][:, 1:],
+                             jnp.zeros_like(batch["input_ids"][:, :1])], axis=1)
+  functional_mask = jnp.isin(targets, functional_ids).astype(jnp.float32) * mask
+  loss, metrics = grpo.grpo_loss(
+      logp, batch["old_logp"], batch["advantages"], mask, clip_low=rl.clip_low,
+      clip_high=rl.clip_high, loss_agg=rl.loss_agg, beta=rl.beta,
+      ref_logp=batch.get("ref_logp"), kl_estimator=rl.kl_estimator,
+      sampler_logp=batch["sampler_logp"] if rl.tis_cap > 0 else None,
+      tis_cap=rl.tis_cap if rl.tis_cap > 0 else None, functional_mask=functional_mask,
+      alpha=rl.alpha, anchor=rl.anchor)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  metrics = dict(metrics, loss=loss, entropy=jnp.sum(jax.lax.stop_gradient(entropy) * mask) / n)
+  return loss, metrics
+
+
+def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, rl,
+            functional_ids, chunk: int):
+  """One LA-GRPO optimizer update. Pure; jit with donated state. A non-finite loss or
+  gradient skips the update (counted in state.skipped)."""
+  grad_fn = jax.value_and_grad(
+      functools.partial(rl_loss, config, batch=batch, rl=rl, functional_ids=functional_ids,
+                        chunk=chunk), has_aux=True)
+  (loss, metrics), grads = grad_fn(state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  state = sft.apply_if_finite(state, grads, optimizer, finite)
+  return state, dict(metrics, grad_norm=grad_norm, skipped_step=(~finite).astype(jnp.float32))
