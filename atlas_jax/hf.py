@@ -287,3 +287,122 @@ def load(path: str, dtype=jnp.float32, *, shardings=None, **runtime):
     _set(params, rule.path, jax.device_put(value, sharding))
     del value
   return config, params
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes from an int or a string like "5GB", "500MB", "100KB"."""
+  if isinstance(size, int):
+    return size
+  s = size.strip().upper()
+  for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+    if s.endswith(unit):
+      return int(float(s[:-len(unit)]) * _SIZE_UNITS[unit])
+  return int(s)
+
+
+def _to_host(x) -> np.ndarray:
+  """One tensor to host memory; gathers across processes when it is not fully local."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def iter_hf_tensors(config: config_lib.ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF key, tensor) in table order, gathering one (per-layer) tensor at a time."""
+  abstract = vlm.abstract_params(config)
+  for rule in param_table(config):
+    leaf = _get(params, rule.path)
+    want = _get(abstract, rule.path).shape
+    if tuple(leaf.shape) != tuple(want):
+      raise ValueError(f"params leaf {'/'.join(rule.path)} has shape {tuple(leaf.shape)}; the "
+                       f"config expects {tuple(want)}")
+    if rule.per_layer:
+      for l, key in enumerate(_expand(rule, _num_layers(config, rule))):
+        yield key, to_hf(rule, _to_host(leaf[l]))
+    else:
+      yield rule.hf_key, to_hf(rule, _to_host(leaf))
+
+
+def _write_weights(config, params, path: str, dtype, max_shard_size: int, progress) -> int:
+  from safetensors.numpy import save_file
+  np_dtype = np.dtype(dtype)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  written: list[str] = []
+  weight_map: dict[str, int] = {}
+  total = size = 0
+
+  def flush():
+    name = os.path.join(path, f"tmp-shard-{len(written):05d}.safetensors")
+    save_file(shards[-1], name, metadata={"format": "pt"})
+    written.append(name)
+    shards[-1] = {}
+
+  for key, tensor in iter_hf_tensors(config, params):
+    tensor = np.ascontiguousarray(tensor.astype(np_dtype))
+    if size and size + tensor.nbytes > max_shard_size:
+      flush()
+      size = 0
+    shards[-1][key] = tensor
+    weight_map[key] = len(written)
+    size += tensor.nbytes
+    total += tensor.nbytes
+    if progress is not None:
+      progress(key)
+  flush()
+  if len(written) == 1:
+    os.replace(written[0], os.path.join(path, "model.safetensors"))
+    return total
+  names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+  for tmp, name in zip(written, names):
+    os.replace(tmp, os.path.join(path, name))
+  index = {"metadata": {"total_size": total},
+           "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+  return total
+
+
+def save(config: config_lib.ModelConfig, params, tokenizer, path: str, dtype=jnp.bfloat16,
+         max_shard_size: int | str = "5GB", *, image_processor: dict | None = None,
+         progress=None) -> None:
+  """Writes a Hugging Face Qwen2.5-VL directory that transformers and vLLM load.
+
+  Writes safetensors in the published key layout (sharded with an index above
+  `max_shard_size`), config.json (with the current vocab_size), generation_config.json,
+  the tokenizer (functional tokens stay normal added tokens) and the image-processor
+  config. Params may be sharded over a mesh: they are gathered one tensor at a time. In a
+  multi-process run every process must call this (gathers are collective); only process 0
+  writes. `progress(key)` is called after each tensor.
+  """
+  from transformers import GenerationConfig
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import \
+      Qwen2VLImageProcessorPil
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
+  np_dtype = np.dtype(dtype)
+  if writer:
+    _write_weights(config, params, path, np_dtype, parse_size(max_shard_size), progress)
+  else:  # take part in the gathers
+    for _ in iter_hf_tensors(config, params):
+      pass
+  if not writer:
+    return
+  hf_config = config_lib.to_hf_dict(config)
+  hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float32": "float32",
+                              "float16": "float16"}[np_dtype.name]
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+  GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos,
+                   pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(path)
+  tokenizer.save_pretrained(path)
+  Qwen2VLImageProcessorPil(**(image_processor or {})).save_pretrained(path)
