@@ -1,6 +1,7 @@
 """Config groups shared by every recipe. Recipes call `base_config()` and change fields.
 
-Groups: model, tokenizer, functional_tokens, data, optim, train, checkpoint, mesh, distributed.
+Groups: model, tokenizer, functional_tokens, data, optim, train, checkpoint, mesh, rl,
+distributed.
 """
 
 import ml_collections
@@ -70,6 +71,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1           # -1: the rest of the devices
   c.mesh.tensor = 1
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.group_size = 4          # G completions per prompt
+  c.rl.prompts_per_step = 4    # B prompts per step (global)
+  c.rl.max_new_tokens = 128    # must be a multiple of train.logprob_chunk
+  c.rl.temperature = 1.0
+  c.rl.top_k = 0
+  c.rl.top_p = 1.0
+  c.rl.inner_updates = 1       # mu: updates per rollout batch against stored old log-probs
+  c.rl.clip_low = 0.2
+  c.rl.clip_high = 0.28
+  c.rl.beta = 0.0              # KL to the frozen start; 0 keeps no reference copy
+  c.rl.kl_estimator = "k3"     # k1 | k3
+  c.rl.loss_agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+  c.rl.alpha = 0.1             # LA-GRPO anchor weight; 0 = plain GRPO
+  c.rl.anchor = "pg"           # pg | nll_pos
+  c.rl.scale_adv_by_std = True
+  c.rl.tis_cap = 0.0           # truncated importance sampling cap; 0 = off
+  c.rl.eval_prompts = 64
+  c.rl.reward = ml_collections.ConfigDict()
+  c.rl.reward.weights = ml_collections.ConfigDict(
+      dict(accuracy=1.0, format=0.2, functional=0.2, spam_penalty=0.2, length_penalty=0.1))
+  c.rl.reward.max_functional_tokens = 6
+  c.rl.reward.length_budget = 256
+  c.rl.reward.functional_tokens = FUNCTIONAL_TOKENS
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # jax.distributed.initialize (multi-host); env vars fill in

@@ -28,8 +28,11 @@ def main(argv):
   elif c.recipe == "rl":
     from atlas_jax.rl.loop import train_rl
     train_rl(c, FLAGS.workdir)
+  elif c.recipe == "demo":
+    from atlas_jax.demo import run_demo
+    run_demo(c, FLAGS.workdir)
   else:
-    raise app.UsageError(f"config.recipe {c.recipe!r} is not 'sft' or 'rl'")
+    raise app.UsageError(f"config.recipe {c.recipe!r} is not 'sft', 'rl' or 'demo'")
 
 
 if __name__ == "__main__":

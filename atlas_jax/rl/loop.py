@@ -80,7 +80,7 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
 
 
 def train_rl(c, workdir: str):
-  """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics)."""
+  """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
   run, params = sft_loop.start(c, workdir, c.train.steps)
   if c.model.init_checkpoint:
@@ -153,4 +153,4 @@ def train_rl(c, workdir: str):
   run.checkpointer.wait()
   run.checkpointer.close()
   run.writer.close()
-  return state, last
+  return state, last, run

@@ -113,8 +113,10 @@ def checkpoint_extra(run: Run) -> dict:
           "config": run.config.to_dict()}
 
 
-def train_sft(c, workdir: str):
-  """Runs (or resumes) SFT in `workdir`. Returns (final TrainState, last logged metrics)."""
+def train_sft(c, workdir: str, on_start=None):
+  """Runs (or resumes) SFT in `workdir`. `on_start(run, state)` is called once the state
+  is ready (e.g. to evaluate before training). Returns (final TrainState, last logged
+  metrics, Run)."""
   run, params = start(c, workdir, c.train.steps)
   optim = resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)
@@ -123,6 +125,8 @@ def train_sft(c, workdir: str):
   source = pipeline.open_source(run.data_report, "train")
   iterator = pipeline.sft_pipeline(source, **data_options(c, run.tokenizer))
   state = maybe_restore(run, state, state_sh, iterator)
+  if on_start is not None:
+    on_start(run, state)
 
   step_fn = jax.jit(
       functools.partial(sft_step, config=run.model_config, optimizer=optimizer,
@@ -156,4 +160,4 @@ def train_sft(c, workdir: str):
   run.writer.text(int(state.step), "skipped_records", pipeline.report_skipped(iterator.skipped))
   run.checkpointer.close()
   run.writer.close()
-  return state, last
+  return state, last, run

@@ -14,7 +14,7 @@ import numpy as np
 from atlas_jax import functional_tokens, hf, sharding
 from atlas_jax.model import SIZES, ModelConfig, from_size, init_params
 
-RECIPES = ("sft", "rl")
+RECIPES = ("sft", "rl", "demo")
 
 
 def validate_config(c) -> None:
@@ -52,6 +52,22 @@ def validate_config(c) -> None:
                      f"of {functional_tokens.INIT_MODES}")
   if c.optim.grad_accum < 1 or c.train.steps < 1 or c.data.batch_size < 1:
     raise ValueError("config.optim.grad_accum, train.steps and data.batch_size must be >= 1")
+  rl = c.rl
+  if c.recipe == "rl":
+    if rl.max_new_tokens % min(chunk, rl.max_new_tokens):
+      raise ValueError(f"config.rl.max_new_tokens {rl.max_new_tokens} must be a multiple of "
+                       f"train.logprob_chunk {chunk}")
+    if rl.group_size < 2:
+      raise ValueError(f"config.rl.group_size {rl.group_size} must be >= 2 (advantages are "
+                       "relative to the group)")
+    for field, allowed in (("kl_estimator", ("k1", "k3")), ("anchor", ("pg", "nll_pos")),
+                           ("loss_agg", ("token-mean", "seq-mean-token-mean",
+                                         "seq-mean-token-sum-norm"))):
+      if rl[field] not in allowed:
+        raise ValueError(f"config.rl.{field} {rl[field]!r} is not one of {allowed}")
+    if c.train.steps % rl.inner_updates:
+      raise ValueError(f"config.train.steps {c.train.steps} must be a multiple of "
+                       f"rl.inner_updates {rl.inner_updates}")
   if c.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype {c.model.dtype!r} is not float32/bfloat16/float16")
 
