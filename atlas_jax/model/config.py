@@ -286,3 +286,12 @@ SIZES["tiny"] = ModelConfig(
                     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     mrope_section=(4, 6, 6), tie_word_embeddings=True,
                     max_position_embeddings=4096))
+
+
+def from_dict(d: dict[str, Any]) -> ModelConfig:
+  """Inverse of `dataclasses.asdict(config)` (JSON turns tuples into lists)."""
+  tup = lambda x: tuple(x) if isinstance(x, list) else x
+  vision = VisionConfig(**{k: tup(v) for k, v in d["vision"].items()})
+  text = TextConfig(**{k: tup(v) for k, v in d["text"].items()})
+  rest = {k: tup(v) for k, v in d.items() if k not in ("vision", "text")}
+  return ModelConfig(vision=vision, text=text, **rest)

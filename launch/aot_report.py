@@ -1,0 +1,45 @@
+"""Per-chip memory and FLOPs of the real-size steps on TPU slices, compiled ahead of time
+without TPUs (needs libtpu: pip install -e '.[tpu]').
+
+  python -m launch.aot_report --sizes=qwen2.5-vl-7b --topologies=v5e:4x4 --length=4096
+  python -m launch.aot_report --sizes=qwen2.5-vl-72b --topologies=v5p:4x4x4 --fsdp=-1
+"""
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["qwen2.5-vl-7b"], "Model sizes (atlas_jax.model.SIZES).")
+flags.DEFINE_list("topologies", ["v5e:4x4"], "TPU slices, e.g. v5e:4x4, v5p:4x4x4.")
+flags.DEFINE_list("steps", ["sft", "la-grpo", "sampler"], "Steps to compile.")
+flags.DEFINE_integer("data", 1, "Mesh data axis.")
+flags.DEFINE_integer("fsdp", -1, "Mesh fsdp axis (-1: the rest).")
+flags.DEFINE_integer("tensor", 1, "Mesh tensor axis.")
+flags.DEFINE_integer("batch", 16, "Global sequences per step.")
+flags.DEFINE_integer("length", 4096, "Tokens per sequence.")
+flags.DEFINE_integer("patches", 1024, "Vision patches per sequence (one image).")
+flags.DEFINE_integer("new_tokens", 1024, "Sampler completion length.")
+flags.DEFINE_integer("group_size", 8, "Sampler completions per prompt.")
+flags.DEFINE_string("remat", "dots_no_batch", "Remat policy.")
+flags.DEFINE_integer("chunk", 512, "Log-prob sequence chunk.")
+
+
+def main(argv):
+  del argv
+  from atlas_jax import aot
+  reports = []
+  for size in FLAGS.sizes:
+    for topology in FLAGS.topologies:
+      try:
+        reports += aot.compile_steps(
+            size, topology, mesh_shape={"data": FLAGS.data, "fsdp": FLAGS.fsdp,
+                                        "tensor": FLAGS.tensor},
+            batch=FLAGS.batch, length=FLAGS.length, patches=FLAGS.patches,
+            new_tokens=FLAGS.new_tokens, steps=tuple(FLAGS.steps), remat=FLAGS.remat,
+            chunk=FLAGS.chunk, group_size=FLAGS.group_size)
+      except Exception as e:  # one failing combination must not hide the others
+        print(f"{size} on {topology}: failed: {type(e).__name__}: {e}")
+      print(aot.format_table(reports), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
