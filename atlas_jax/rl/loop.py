@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax import checkpoint as checkpoint_lib
 from atlas_jax import functional_tokens, sharding
 from atlas_jax.data import pipeline
 from atlas_jax.rl import grpo, rollout
@@ -83,11 +82,6 @@ def train_rl(c, workdir: str):
   """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
   run, params = sft_loop.start(c, workdir, c.train.steps)
-  if c.model.init_checkpoint:
-    shardings = sharding.param_shardings(run.mesh, run.model_config)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            params, shardings)
-    params = checkpoint_lib.restore_params_only(c.model.init_checkpoint, None, abstract)
   ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None
   optim = sft_loop.resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)

@@ -135,6 +135,8 @@ def fit_to_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
 def load_model(c, tokenizer, mesh):
   """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
   runtime = dict(dtype=c.model.dtype, remat=c.model.remat)
+  if c.model.init_checkpoint:
+    return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
     config, params = hf.load(c.model.hf_path, compute_dtype=c.model.dtype, remat=c.model.remat)
     image_id = _token_id(tokenizer, "<|image_pad|>")
@@ -149,6 +151,28 @@ def load_model(c, tokenizer, mesh):
   params, config, table = functional_tokens.extend_vocab(
       tokenizer, params, config, tuple(c.functional_tokens.tokens), c.functional_tokens.init)
   params = jax.device_put(params, sharding.param_shardings(mesh, config))
+  return config, params, table
+
+
+def _load_checkpoint_model(c, tokenizer, mesh, runtime):
+  """Params (only) from an atlas_jax checkpoint, e.g. RL from SFT; the tokenizer must be the
+  one that run saved (same functional-token ids)."""
+  from atlas_jax import checkpoint as checkpoint_lib
+  from atlas_jax.model import abstract_params
+  from atlas_jax.model import config as config_lib
+  extra = checkpoint_lib.read_extra(c.model.init_checkpoint, None)
+  config = dataclasses.replace(config_lib.from_dict(extra["model_config"]), **runtime)
+  table = functional_tokens.TokenTable.from_json(extra["functional_tokens"])
+  for token, tid in table.ids.items():
+    if tokenizer.convert_tokens_to_ids(token) != tid:
+      raise ValueError(f"config.tokenizer maps {token} to "
+                       f"{tokenizer.convert_tokens_to_ids(token)}, but checkpoint "
+                       f"{c.model.init_checkpoint} was trained with id {tid}; use the tokenizer "
+                       "saved with that run")
+  shardings = sharding.param_shardings(mesh, config)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_params(config), shardings)
+  params = checkpoint_lib.restore_params_only(c.model.init_checkpoint, None, abstract)
   return config, params, table
 
 
