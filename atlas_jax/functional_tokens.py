@@ -71,6 +71,27 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def token_id(tokenizer, token: str) -> int:
+  tid = tokenizer.convert_tokens_to_ids(token)
+  if tid is None or tid == tokenizer.unk_token_id:
+    raise ValueError(f"the tokenizer has no {token} token; expected a Qwen2.5-VL tokenizer")
+  return int(tid)
+
+
+def fit_to_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
+  """A from-scratch config whose vocab and special ids come from the tokenizer."""
+  vocab = _round_up(len(tokenizer), PAD_MULTIPLE)
+  return dataclasses.replace(
+      config.replace_text(vocab_size=vocab),
+      image_token_id=token_id(tokenizer, "<|image_pad|>"),
+      video_token_id=token_id(tokenizer, "<|video_pad|>"),
+      vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
+      vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
+      eos_token_id=token_id(tokenizer, "<|im_end|>"),
+      bos_token_id=token_id(tokenizer, "<|endoftext|>"),
+      pad_token_id=token_id(tokenizer, "<|endoftext|>"))
+
+
 def _new_rows(matrix, owned, mode: str, new_tokens, tokenizer):
   """Initial rows float32[len(new_tokens), D] for a [V, D] matrix (host or device array)."""
   matrix = jnp.asarray(matrix, jnp.float32)

@@ -9,6 +9,8 @@ of logical axis names for sharding.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -171,7 +173,13 @@ def _init_boxed(config: ModelConfig, rng):
 
 
 def init_params(config: ModelConfig, rng):
-  """Random parameters (normal(0.02) weights, unit norms, zero biases), unboxed."""
+  """Random parameters (normal(0.02) weights, unit norms, zero biases), unboxed. Jitted: to
+  create them sharded, call it under `jax.jit(..., out_shardings=...)`."""
+  return _init_unboxed(config, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_unboxed(config: ModelConfig, rng):
   return nn.unbox(_init_boxed(config, rng))
 
 

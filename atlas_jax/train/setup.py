@@ -111,27 +111,6 @@ def load_tokenizer(c, workdir: str):
   return build_tokenizer(out)
 
 
-def _token_id(tokenizer, token: str) -> int:
-  tid = tokenizer.convert_tokens_to_ids(token)
-  if tid is None or tid == tokenizer.unk_token_id:
-    raise ValueError(f"the tokenizer has no {token} token; expected a Qwen2.5-VL tokenizer")
-  return int(tid)
-
-
-def fit_to_tokenizer(config: ModelConfig, tokenizer) -> ModelConfig:
-  """A from-scratch config whose vocab and special ids come from the tokenizer."""
-  vocab = -(-len(tokenizer) // functional_tokens.PAD_MULTIPLE) * functional_tokens.PAD_MULTIPLE
-  return dataclasses.replace(
-      config.replace_text(vocab_size=vocab),
-      image_token_id=_token_id(tokenizer, "<|image_pad|>"),
-      video_token_id=_token_id(tokenizer, "<|video_pad|>"),
-      vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
-      vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
-      eos_token_id=_token_id(tokenizer, "<|im_end|>"),
-      bos_token_id=_token_id(tokenizer, "<|endoftext|>"),
-      pad_token_id=_token_id(tokenizer, "<|endoftext|>"))
-
-
 def load_model(c, tokenizer, mesh):
   """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
   runtime = dict(dtype=c.model.dtype, remat=c.model.remat)
@@ -139,12 +118,12 @@ def load_model(c, tokenizer, mesh):
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
     config, params = hf.load(c.model.hf_path, compute_dtype=c.model.dtype, remat=c.model.remat)
-    image_id = _token_id(tokenizer, "<|image_pad|>")
+    image_id = functional_tokens.token_id(tokenizer, "<|image_pad|>")
     if image_id != config.image_token_id:
       raise ValueError(f"tokenizer's <|image_pad|> id {image_id} differs from config.json's "
                        f"image_token_id {config.image_token_id}")
   else:
-    config = fit_to_tokenizer(from_size(c.model.size, **runtime), tokenizer)
+    config = functional_tokens.fit_to_tokenizer(from_size(c.model.size, **runtime), tokenizer)
     shardings = sharding.param_shardings(mesh, config)
     params = jax.jit(lambda: init_params(config, jax.random.key(c.seed)),
                      out_shardings=shardings)()
