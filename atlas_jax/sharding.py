@@ -1,0 +1,164 @@
+"""Meshes and the logical-axis rules that map model axis names to mesh axes.
+
+The mesh has three axes, in this order: `data` (pure data parallelism: each group holds a
+full copy of the sharded state), `fsdp` (data parallelism whose params, gradients and
+optimizer state are sharded: ZeRO-3), `tensor` (Megatron-style model parallelism over
+heads, MLP width and vocab). Model code names only logical axes; `RULES` (training) and
+`SAMPLING_RULES` (rollout) map them:
+
+  logical            RULES (train)        SAMPLING_RULES (rollout)
+  embed              fsdp                 fsdp
+  mlp, heads,        tensor               tensor
+  kv_heads, vocab
+  layers, head_dim,  replicated           replicated
+  norm
+  activation_batch   (data, fsdp)         (data, fsdp)
+  activation_length  replicated           replicated
+  activation_embed   replicated           replicated
+  activation_mlp     tensor               tensor
+
+Sampling keeps the training layout for params (rollouts use the live training params, no
+resharding) and shards the KV cache's batch over (data, fsdp) and its kv heads over
+tensor (`CACHE_AXES` in rl/sampler.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+)
+SAMPLING_RULES = RULES
+
+
+def resolve_mesh_shape(shape, num_devices: int) -> dict[str, int]:
+  """{data, fsdp, tensor} with the one -1 replaced by the rest of the devices."""
+  shape = {k: int(shape[k]) for k in AXES}
+  free = [k for k, v in shape.items() if v == -1]
+  if len(free) > 1 or any(v == 0 or v < -1 for v in shape.values()):
+    raise ValueError(f"mesh {shape}: each axis must be a positive size, and at most one -1")
+  fixed = math.prod(v for v in shape.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {_describe(shape)} cannot fill {num_devices} devices: "
+                       f"{num_devices} is not divisible by {fixed}")
+    shape[free[0]] = num_devices // fixed
+  if math.prod(shape.values()) != num_devices:
+    raise ValueError(f"mesh {_describe(shape)} needs {math.prod(shape.values())} devices, "
+                     f"found {num_devices}")
+  return shape
+
+
+def _describe(shape) -> str:
+  return " x ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def make_mesh(shape, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), topology-aware on TPU."""
+  devices = list(jax.devices() if devices is None else devices)
+  dims = resolve_mesh_shape(shape, len(devices))
+  sizes = tuple(dims[k] for k in AXES)
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, AXES)
+
+
+def _spec_axes(mesh_axes) -> tuple[str, ...]:
+  if mesh_axes is None:
+    return ()
+  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
+def logical_to_shardings(mesh: Mesh, logical_specs, rules=RULES, shapes=None):
+  """NamedShardings for a pytree of logical PartitionSpecs. With `shapes` (a matching pytree
+  of arrays / ShapeDtypeStructs), every sharded dim must divide evenly."""
+  mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  if shapes is not None:
+    flat_specs, _ = jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=is_spec)
+    flat_shapes = jax.tree.leaves(shapes)
+    for (path, spec), leaf in zip(flat_specs, flat_shapes):
+      for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
+        ways = math.prod(mesh.shape[a] for a in _spec_axes(axes))
+        if size % ways:
+          name = "/".join(str(getattr(p, "key", p)) for p in path)
+          raise ValueError(f"{name} dim {dim} (size {size}) is not divisible by mesh axes "
+                           f"{_spec_axes(axes)} = {ways}")
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs, is_leaf=is_spec)
+
+
+def param_shardings(mesh: Mesh, config, rules=RULES):
+  """Shardings of the model params (checked for divisibility)."""
+  from atlas_jax.model import abstract_params, param_axes
+  return logical_to_shardings(mesh, param_axes(config), rules, abstract_params(config))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dim over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def state_shardings(mesh: Mesh, abstract_state, param_sh):
+  """Shardings for a TrainState: every subtree shaped like the params (optimizer moments,
+  gradient accumulators) takes the params' shardings; everything else is replicated."""
+  params_struct = jax.tree.structure(abstract_state.params)
+  param_shapes = [x.shape for x in jax.tree.leaves(abstract_state.params)]
+  param_sh_leaves = jax.tree.leaves(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+  def like_params(tree) -> bool:
+    try:
+      return (jax.tree.structure(tree) == params_struct and
+              [x.shape for x in jax.tree.leaves(tree)] == param_shapes)
+    except Exception:  # noqa: BLE001  (optax states hold non-tree leaves)
+      return False
+
+  def assign(tree):
+    if like_params(tree):
+      return jax.tree.unflatten(params_struct, param_sh_leaves)
+    if hasattr(tree, "shape"):
+      return replicated(mesh)
+    return None
+
+  def walk(tree):
+    if like_params(tree):
+      return assign(tree)
+    if hasattr(tree, "shape") or tree is None:
+      return assign(tree) if tree is not None else None
+    children, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is not tree)
+    return jax.tree.unflatten(treedef, [walk(c) for c in children])
+
+  return walk(abstract_state)
+
+
+@contextlib.contextmanager
+def with_rules(mesh: Mesh, rules=RULES):
+  """Activates the mesh and the logical rules, so `with_logical_constraint` takes effect."""
+  with mesh, nn.logical_axis_rules(rules):
+    yield
