@@ -1,0 +1,188 @@
+"""grain pipelines over the TFDS trajectory dataset: deterministic, sharded per process,
+padded to a few static shapes, checkpointable.
+
+  source -> [this process's shard] -> shuffle(seed) -> repeat -> decode + render
+         -> drop bad records (counted) -> batch, padding to a length bucket
+
+Batches are numpy, batch-major (B = per-process batch):
+  input_ids int32[B, T], attention_mask int32[B, T], loss_mask int32[B, T],
+  position_ids int32[B, 3, T], pixel_values float32[B, max_patches, 1176],
+  image_grid_thw int32[B, max_images, 3], valid int32[B] (0 on rows that only fill the
+  last batch of a finite pass), and host-only object arrays id, answer, task, answer_type,
+  choices. T is the smallest length bucket that holds the batch's longest row. SFT batches
+  pad on the right; RL prompt batches pad on the left (generation continues the row).
+
+Skipped records are counted per process in `pipeline.skipped` (grain runs the transforms
+in this process); `report_skipped` formats the counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+
+import grain
+import numpy as np
+from PIL import Image
+
+from atlas_jax.data import chat, image as image_lib
+from atlas_jax.data.tfds_builder import open_source  # noqa: F401  (re-exported for loops)
+from atlas_jax.model.rope import get_rope_index
+
+HOST_FIELDS = ("id", "answer", "task", "answer_type", "choices")
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+class _Skip:
+  """What `_Render` returns for a bad record; counted when the iterator consumes it."""
+
+  def __init__(self, reason: str):
+    self.reason = reason
+
+
+class _Render:
+  """Decodes one stored example and renders it; a bad one becomes a `_Skip`."""
+
+  def __init__(self, tokenizer, *, min_pixels, max_pixels, max_length, max_images, max_patches,
+               prompt_suffix, prompt_only):
+    self.tokenizer, self.prompt_only = tokenizer, prompt_only
+    self.min_pixels, self.max_pixels = min_pixels, max_pixels
+    self.max_length, self.max_images, self.max_patches = max_length, max_images, max_patches
+    self.prompt_suffix = prompt_suffix
+
+  def __call__(self, ex):
+    offsets = np.asarray(ex["image_offsets"])
+    blob = np.asarray(ex["image_bytes"]).tobytes()
+    if len(offsets) - 1 > self.max_images:
+      return _Skip("too_long")
+    try:
+      images = [Image.open(io.BytesIO(blob[a:b])).convert("RGB")
+                for a, b in zip(offsets[:-1], offsets[1:])]
+    except Exception:  # noqa: BLE001  (Pillow raises many types for bad bytes)
+      return _Skip("corrupt_image")
+    pixels, grid = image_lib.preprocess(images, min_pixels=self.min_pixels,
+                                        max_pixels=self.max_pixels)
+    if pixels.shape[0] > self.max_patches:
+      return _Skip("too_long")
+    trajectory = None if self.prompt_only else _text(ex["trajectory"])
+    out = chat.render(self.tokenizer, _text(ex["question"]), trajectory,
+                      image_lib.num_image_tokens(grid).tolist(), prompt_suffix=self.prompt_suffix)
+    if len(out["input_ids"]) > self.max_length:
+      return _Skip("too_long")
+    choices = json.loads(_text(ex["choices"]))
+    return dict(out, pixel_values=pixels, image_grid_thw=grid, id=_text(ex["id"]),
+                answer=_text(ex["answer"]), task=_text(ex["task"]) or None,
+                answer_type=_text(ex["answer_type"]) or None,
+                choices=tuple(choices) if choices else None)
+
+
+class _Collate:
+  """Pads examples to a static batch: a length bucket, max_patches, max_images."""
+
+  def __init__(self, *, batch_size, length_buckets, max_patches, max_images, pad_id, image_id,
+               left_pad):
+    self.batch_size, self.buckets = batch_size, tuple(length_buckets)
+    self.max_patches, self.max_images = max_patches, max_images
+    self.pad_id, self.image_id, self.left_pad = pad_id, image_id, left_pad
+
+  def __call__(self, examples):
+    valid = [1] * len(examples) + [0] * (self.batch_size - len(examples))
+    examples = list(examples) + [examples[-1]] * (self.batch_size - len(examples))
+    longest = max(len(e["input_ids"]) for e in examples)
+    t = next(b for b in self.buckets if b >= longest)
+    b = len(examples)
+    patch_dim = examples[0]["pixel_values"].shape[-1]
+    ids = np.full((b, t), self.pad_id, np.int32)
+    mask = np.zeros((b, t), np.int32)
+    loss = np.zeros((b, t), np.int32)
+    pixels = np.zeros((b, self.max_patches, patch_dim), np.float32)
+    grid = np.zeros((b, self.max_images, 3), np.int32)
+    for i, e in enumerate(examples):
+      n = len(e["input_ids"])
+      sl = slice(t - n, t) if self.left_pad else slice(0, n)
+      ids[i, sl], mask[i, sl], loss[i, sl] = e["input_ids"], 1, e["loss_mask"]
+      pixels[i, :len(e["pixel_values"])] = e["pixel_values"]
+      grid[i, :len(e["image_grid_thw"])] = e["image_grid_thw"]
+    pos, _ = get_rope_index(ids, mask, grid.reshape(-1, 3), image_token_id=self.image_id,
+                            spatial_merge_size=2)
+    batch = dict(input_ids=ids, attention_mask=mask, loss_mask=loss,
+                 position_ids=np.ascontiguousarray(pos.transpose(1, 0, 2)),
+                 pixel_values=pixels, image_grid_thw=grid, valid=np.asarray(valid, np.int32))
+    for k in HOST_FIELDS:
+      batch[k] = np.empty(b, object)
+      batch[k][:] = [e[k] for e in examples]
+    return batch
+
+
+class Pipeline:
+  """An iterator of batches with `get_state`/`set_state` and a `skipped` Counter."""
+
+  def __init__(self, dataset: grain.IterDataset, skipped: collections.Counter):
+    self._dataset = dataset
+    self._iter = iter(dataset)
+    self.skipped = skipped
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iter)
+
+  def get_state(self):
+    return self._iter.get_state()
+
+  def set_state(self, state):
+    self._iter.set_state(state)
+
+
+def _pipeline(source, *, tokenizer, min_pixels, max_pixels, max_length, length_buckets,
+              max_images, max_patches, batch_size, seed, shuffle=True, num_epochs=None,
+              prompt_suffix="", prompt_only, shard_index=None, shard_count=None) -> Pipeline:
+  import jax
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if length_buckets[-1] < max_length:
+    max_length = length_buckets[-1]
+  skipped: collections.Counter = collections.Counter()
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(_Render(tokenizer, min_pixels=min_pixels, max_pixels=max_pixels,
+                      max_length=max_length, max_images=max_images, max_patches=max_patches,
+                      prompt_suffix=prompt_suffix, prompt_only=prompt_only))
+
+  def keep(example) -> bool:  # runs as the iterator consumes, after any read-ahead
+    if isinstance(example, _Skip):
+      skipped[example.reason] += 1
+      return False
+    return True
+  collate = _Collate(batch_size=batch_size, length_buckets=length_buckets,
+                     max_patches=max_patches, max_images=max_images,
+                     pad_id=tokenizer.pad_token_id,
+                     image_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                     left_pad=prompt_only)
+  iter_ds = ds.to_iter_dataset().filter(keep).batch(batch_size, batch_fn=collate)
+  return Pipeline(iter_ds, skipped)
+
+
+def sft_pipeline(source, **kwargs) -> Pipeline:
+  """Trajectories with loss masks, right-padded. See `_pipeline` for the arguments."""
+  return _pipeline(source, prompt_only=False, **kwargs)
+
+
+def rl_pipeline(source, **kwargs) -> Pipeline:
+  """Prompts only (ending with the assistant header), left-padded, for rollouts."""
+  return _pipeline(source, prompt_only=True, **kwargs)
+
+
+def report_skipped(counter) -> str:
+  """One line: 'skipped 3 records: corrupt_image=1, too_long=2' (or 'no records skipped')."""
+  total = sum(counter.values())
+  if not total:
+    return "no records skipped"
+  return f"skipped {total} records: " + ", ".join(f"{k}={v}" for k, v in sorted(counter.items()))
