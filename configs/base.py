@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
+  c.train.stop_after = -1    # stop this job after this many steps (-1: at train.steps); resumes
   c.train.log_every = 10
   c.train.logprob_chunk = 128  # sequence chunk for log-probs (never full [B, T, V] logits)
 

@@ -15,7 +15,7 @@ is refused unless --overwrite.
 import os
 import shutil
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
@@ -38,6 +38,7 @@ def check_destination(dst: str, overwrite: bool) -> None:
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not os.path.isdir(FLAGS.src):

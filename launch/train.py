@@ -8,7 +8,7 @@ Overrides are checked against the config (a typo in a field name stops the launc
 the workdir resumes by itself from its latest checkpoint.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   c = FLAGS.config

@@ -107,6 +107,15 @@ def maybe_restore(run: Run, state, state_sh, iterator):
   return state
 
 
+BATCH_RANKS = {"input_ids": 2, "attention_mask": 2, "loss_mask": 2, "position_ids": 3,
+               "pixel_values": 3, "image_grid_thw": 3, "valid": 1}
+
+
+def batch_shardings(mesh) -> dict:
+  """Shardings of a device batch (the pipeline's numeric fields), batch-major."""
+  return {k: sharding.batch_sharding(mesh, n) for k, n in BATCH_RANKS.items()}
+
+
 def checkpoint_extra(run: Run) -> dict:
   return {"functional_tokens": run.table.to_json(),
           "model_config": dataclasses.asdict(run.model_config),
@@ -133,6 +142,7 @@ def train_sft(c, workdir: str, on_start=None):
                         functional_ids=jnp.asarray(run.table.id_array),
                         lr_schedule=lambda s: schedule(s // optim.grad_accum),
                         chunk=c.train.logprob_chunk),
+      in_shardings=(state_sh, batch_shardings(run.mesh)),
       out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=0)
 
   last: dict = {}
@@ -140,13 +150,16 @@ def train_sft(c, workdir: str, on_start=None):
   tokens = 0
   t0 = time.perf_counter()
   with sharding.with_rules(run.mesh, sharding.RULES):
-    for step in range(int(state.step), c.train.steps):
+    start_step = int(state.step)
+    end = c.train.steps if c.train.stop_after < 0 else min(c.train.steps,
+                                                            start_step + c.train.stop_after)
+    for step in range(start_step, end):
       batch = next(iterator)
       tokens += int(batch["attention_mask"].sum())
       state, metrics = step_fn(state, setup.host_batch_to_device(batch, run.mesh))
       window.append(metrics)
       done = step + 1
-      if done % c.train.log_every == 0 or done == c.train.steps:
+      if done % c.train.log_every == 0 or done == end:
         stacked = jax.device_get(window)
         last = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
         elapsed = time.perf_counter() - t0
@@ -155,7 +168,7 @@ def train_sft(c, workdir: str, on_start=None):
         run.writer.write(done, last)
         window, tokens, t0 = [], 0, time.perf_counter()
       run.checkpointer.save(done, state, data_state=iterator.get_state(),
-                            extra=checkpoint_extra(run), force=done == c.train.steps)
+                            extra=checkpoint_extra(run), force=done == end)
   run.checkpointer.wait()
   run.writer.text(int(state.step), "skipped_records", pipeline.report_skipped(iterator.skipped))
   run.checkpointer.close()
