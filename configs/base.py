@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.scale_adv_by_std = True
   c.rl.tis_cap = 0.0           # truncated importance sampling cap; 0 = off
   c.rl.eval_prompts = 64
+  c.rl.eval_batch_size = 16    # prompts per greedy evaluation batch (global)
   c.rl.reward = ml_collections.ConfigDict()
   c.rl.reward.weights = ml_collections.ConfigDict(
       dict(accuracy=1.0, format=0.2, functional=0.2, spam_penalty=0.2, length_penalty=0.1))

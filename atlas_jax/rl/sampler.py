@@ -13,7 +13,6 @@ the vision placeholders are never sampled.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import flax.struct
@@ -176,6 +175,12 @@ def completion_mask(tokens, settings: SamplerSettings):
   return (stopped_before == 0).astype(jnp.int32)
 
 
+# Jitted once per (config, settings): every Sampler with the same settings shares them.
+_prefill_jit = jax.jit(prefill, static_argnames=("config", "settings"), static_argnums=0)
+_decode_jit = jax.jit(decode, static_argnames=("config", "settings"), static_argnums=0,
+                      donate_argnums=2)
+
+
 class Sampler:
   """Jitted prefill + decode for one model config and settings; params are arguments.
 
@@ -186,14 +191,11 @@ class Sampler:
   def __init__(self, config: ModelConfig, settings: SamplerSettings, allowed):
     self.config, self.settings = config, settings
     self.allowed = jnp.asarray(allowed, bool)
-    self._prefill = jax.jit(functools.partial(prefill, config, settings=settings))
-    self._decode = jax.jit(functools.partial(decode, config, settings=settings),
-                           donate_argnums=1)
 
   def sample(self, params, batch: dict, rng) -> dict:
-    state = self._prefill(params, batch["input_ids"], batch["attention_mask"],
-                          batch.get("pixel_values"), batch.get("image_grid_thw"), rng,
-                          self.allowed)
-    state = self._decode(params, state, self.allowed)
+    state = _prefill_jit(self.config, params, batch["input_ids"], batch["attention_mask"],
+                         batch.get("pixel_values"), batch.get("image_grid_thw"), rng,
+                         self.allowed, settings=self.settings)
+    state = _decode_jit(self.config, params, state, self.allowed, settings=self.settings)
     mask = completion_mask(state.tokens, self.settings)
     return {"tokens": state.tokens, "mask": mask, "logps": state.logps * mask}
