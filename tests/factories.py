@@ -104,3 +104,29 @@ def pad_batch(rows: list[list[int]], side: list[str], pad_id: int = 2):
     sl = slice(t - len(r), t) if s == "left" else slice(0, len(r))
     ids[i, sl], mask[i, sl] = r, 1
   return ids, mask
+
+
+def save_tiny_hf_with_tokenizer(path: str, name: str = "gqa2_wide_window", spare_rows: int = 0,
+                                seed: int = 0):
+  """A tiny random HF model whose vocab and special ids come from the tiny tokenizer, saved
+  with that tokenizer (a self-consistent local "hub" checkpoint). Returns (model, tokenizer)."""
+  import torch
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  from atlas_jax.data.tokenizer import build_tokenizer
+  tok = build_tokenizer(path)
+  cfg = hf_config(name)
+  ids = {k: tok.convert_tokens_to_ids(t) for k, t in [
+      ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+      ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+  for k, v in ids.items():
+    setattr(cfg, k, v)
+  cfg.text_config.vocab_size = len(tok) + spare_rows
+  cfg.text_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+  cfg.text_config.pad_token_id = tok.pad_token_id
+  cfg.text_config.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
+  torch.manual_seed(seed)
+  model = Qwen2_5_VLForConditionalGeneration._from_config(
+      cfg, attn_implementation="eager", dtype=torch.float32).eval()
+  model.save_pretrained(path)
+  return model, tok
