@@ -9,4 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
-exec .venv/bin/python -m launch.forward_demo "$@"
+WORKDIR=${ATLAS_WORKDIR:-/tmp/atlas_demo}
+exec .venv/bin/python -m launch.train --config=configs/demo.py --workdir="$WORKDIR" "$@"

@@ -36,8 +36,11 @@ def test_forward_and_sft_steps_match_single_device(report, mesh):
 
 
 def test_params_are_actually_sharded(report):
-  assert report["fsdp=4,tensor=2"]["q_spec"] == "P(None, 'fsdp', 'tensor', None)"
-  assert report["fsdp=8"]["q_spec"] == "P(None, 'fsdp', None, None)"
+  # q kernel [layers=2, embed=64, heads=4, head_dim=16]: embed over fsdp, heads over tensor.
+  assert report["1"]["q_shard_shape"] == [2, 64, 4, 16]
+  assert report["fsdp=8"]["q_shard_shape"] == [2, 8, 4, 16]
+  assert report["data=2,fsdp=4"]["q_shard_shape"] == [2, 16, 4, 16]
+  assert report["fsdp=4,tensor=2"]["q_shard_shape"] == [2, 16, 2, 16]
 
 
 def test_mesh_shape_errors_are_clear():
