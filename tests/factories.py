@@ -130,3 +130,14 @@ def save_tiny_hf_with_tokenizer(path: str, name: str = "gqa2_wide_window", spare
       cfg, attn_implementation="eager", dtype=torch.float32).eval()
   model.save_pretrained(path)
   return model, tok
+
+
+def tiny_model_config():
+  """A small atlas_jax ModelConfig whose dims divide meshes of up to 8 devices."""
+  from atlas_jax.model import ModelConfig, TextConfig, VisionConfig
+  return ModelConfig(
+      vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                          out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,)),
+      text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
+      image_token_id=250)

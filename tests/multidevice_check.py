@@ -18,17 +18,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from atlas_jax import sharding  # noqa: E402
-from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, forward, init_params  # noqa
+from atlas_jax.model import forward, init_params  # noqa: E402
+from tests import factories  # noqa: E402
 from atlas_jax.train import optimizer as optimizer_lib  # noqa: E402
 from atlas_jax.train.sft import sft_step  # noqa: E402
 from atlas_jax.train.state import TrainState  # noqa: E402
 
-CONFIG = ModelConfig(
-    vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
-                        out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,)),
-    text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
-    image_token_id=250)
+CONFIG = factories.tiny_model_config()
 MESHES = {"1": None, "fsdp=8": dict(data=1, fsdp=8, tensor=1),
           "data=2,fsdp=4": dict(data=2, fsdp=4, tensor=1),
           "fsdp=4,tensor=2": dict(data=1, fsdp=4, tensor=2)}

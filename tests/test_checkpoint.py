@@ -13,15 +13,11 @@ import optax
 import pytest
 
 from atlas_jax import checkpoint as ckpt_lib
-from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, abstract_params, init_params
+from atlas_jax.model import abstract_params, init_params
+from tests import factories
 from atlas_jax.train.state import TrainState
 
-CONFIG = ModelConfig(
-    vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
-                        out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,)),
-    text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
-    image_token_id=250)
+CONFIG = factories.tiny_model_config()
 
 
 def _state(accumulate: bool, seed=3):
