@@ -1,4 +1,6 @@
-"""GRPO / LA-GRPO loss functions against hand-computed values."""
+"""GRPO / LA-GRPO loss functions against values computed by hand in numpy."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,36 +10,44 @@ import pytest
 from atlas_jax.rl import grpo
 
 
-def test_group_advantages():
-  r = np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], np.float32)
+def test_group_advantages_with_and_without_std():
+  r = np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.1, 0.1, 0.1, 0.1], np.float32)
   got = np.asarray(grpo.group_advantages(r, 4))
-  g = r[:4]
-  np.testing.assert_allclose(got[:4], (g - g.mean()) / (g.std() + 1e-6), rtol=1e-5)
-  np.testing.assert_array_equal(got[4:], 0.0)  # all-equal group
+  # group 0: mean 0.5, population std 0.5 -> +-0.5 / (0.5 + 1e-6)
+  np.testing.assert_allclose(got[:4], np.array([1, -1, -1, 1]) * 0.5 / (0.5 + 1e-6), rtol=1e-6)
+  # all-equal groups give exactly 0, also 0.1 whose float mean is off by an ulp
+  np.testing.assert_array_equal(got[4:], 0.0)
   no_std = np.asarray(grpo.group_advantages(r, 4, scale_by_std=False))
-  np.testing.assert_allclose(no_std[:4], g - g.mean())
-  with pytest.raises(ValueError, match="do not split into groups of 3"):
-    grpo.group_advantages(r, 3)
+  np.testing.assert_allclose(no_std[:4], [0.5, -0.5, -0.5, 0.5])
+  np.testing.assert_array_equal(no_std[4:], 0.0)
+  # 0.1 in a group of 3: sum/3 rounds away from 0.1 and the std would blow that up.
+  np.testing.assert_array_equal(grpo.group_advantages(np.full(3, 0.1, np.float32), 3), 0.0)
+  with pytest.raises(ValueError, match="do not split into groups of 5"):
+    grpo.group_advantages(r, 5)
 
 
 def test_kl_estimators():
-  logp, ref = np.array([[-1.0, -2.0]]), np.array([[-1.5, -1.0]])
-  np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k1"), logp - ref)
-  d = ref - logp
-  np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k3"), np.exp(d) - d - 1, rtol=1e-6)
+  logp, ref = np.array([[-1.0, -2.0, -0.5]]), np.array([[-1.5, -1.0, -0.5]])
+  np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k1"), [[0.5, -1.0, 0.0]])
+  k3 = np.asarray(grpo.kl_penalty(logp, ref, "k3"))
+  # d = ref - logp = -0.5, 1, 0
+  np.testing.assert_allclose(k3, [[np.exp(-0.5) + 0.5 - 1, np.e - 2, 0.0]], rtol=1e-6)
+  assert k3.dtype == np.float32
   with pytest.raises(ValueError, match="kl_estimator 'k2'"):
     grpo.kl_penalty(logp, ref, "k2")
 
 
 def test_aggregations_including_an_empty_sequence():
-  x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], np.float32)
-  m = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32)
+  x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, np.nan], [7.0, 8.0, np.inf]], np.float32)
+  m = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32)  # row 2 fully masked
   assert float(grpo.aggregate(x, m, "token-mean")) == pytest.approx((1 + 2 + 4) / 3)
   assert float(grpo.aggregate(x, m, "seq-mean-token-mean")) == pytest.approx((1.5 + 4) / 2)
   assert float(grpo.aggregate(x, m, "seq-mean-token-sum-norm")) == pytest.approx(
       (3 / 3 + 4 / 3 + 0) / 3)
   assert float(grpo.aggregate(x, m, "seq-mean-token-sum-norm", max_length=10)) == (
       pytest.approx((0.3 + 0.4 + 0) / 3))
+  for mode in grpo.AGGREGATIONS:
+    assert float(grpo.aggregate(x, np.zeros_like(m), mode)) == 0.0
   with pytest.raises(ValueError, match="loss aggregation 'sum'"):
     grpo.aggregate(x, m, "sum")
 
@@ -46,43 +56,71 @@ def _surrogate(ratio, adv, lo=0.2, hi=0.28):
   return -np.minimum(ratio * adv, np.clip(ratio, 1 - lo, 1 + hi) * adv)
 
 
-def test_clipped_surrogate_both_sides():
+def test_clipping_on_both_sides_and_both_signs():
+  ratio = np.array([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]], np.float32)
   old = np.zeros((2, 3), np.float32)
-  logp = np.log(np.array([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]], np.float32))
-  adv = np.array([1.0, -1.0], np.float32)
+  logp = np.log(ratio)
+  adv = np.array([2.0, -1.0], np.float32)
   mask = np.ones((2, 3), np.float32)
-  loss, m = grpo.grpo_loss(logp, old, adv, mask)
-  ratio = np.exp(logp)
-  want = _surrogate(ratio, adv[:, None]).mean()
-  assert float(loss) == pytest.approx(want, rel=1e-6)
-  # ratio 1.5 > 1.28 with A > 0 is clipped high; ratio 0.5 < 0.8 with A < 0 clipped low.
+  f = lambda lp: grpo.grpo_loss(lp, old, adv, mask)
+  (loss, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+  # A = 2: -min(0.5*2, 0.8*2) = -1, -2, -min(3, 1.28*2) = -2.56 (clipped high)
+  # A = -1: -min(-0.5, -0.8) = 0.8 (clipped low), 1, -min(-1.5, -1.28) = 1.5
+  want = np.array([[-1.0, -2.0, -2.56], [0.8, 1.0, 1.5]])
+  assert float(loss) == pytest.approx(want.mean(), rel=1e-6)
+  # d/dlogp of -ratio*A/6 where unclipped; clipped positions get no gradient.
+  want_grad = np.where([[0, 0, 1], [1, 0, 0]], 0.0, -ratio * adv[:, None] / 6)
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-8)
   assert float(m["clip_high_fraction"]) == pytest.approx(1 / 6)
   assert float(m["clip_low_fraction"]) == pytest.approx(1 / 6)
   assert float(m["clip_fraction"]) == pytest.approx(2 / 6)
+  assert float(m["ratio_mean"]) == pytest.approx(1.0)
+  assert float(m["pg_loss"]) == pytest.approx(want.mean(), rel=1e-6)
 
 
-def test_kl_term_and_beta_zero_needs_no_reference():
-  logp = np.full((1, 2), -1.0, np.float32)
-  ref = np.full((1, 2), -1.2, np.float32)
-  adv, mask = np.array([0.5], np.float32), np.ones((1, 2), np.float32)
-  base, _ = grpo.grpo_loss(logp, logp, adv, mask)
-  with_kl, m = grpo.grpo_loss(logp, logp, adv, mask, beta=0.1, ref_logp=ref, kl_estimator="k1")
-  assert float(with_kl - base) == pytest.approx(0.1 * 0.2, rel=1e-5)
-  assert float(m["kl"]) == pytest.approx(0.2, rel=1e-5)
-  with pytest.raises(ValueError, match="beta > 0 needs ref_logp"):
-    grpo.grpo_loss(logp, logp, adv, mask, beta=0.1)
+def test_kl_term_aggregation_and_beta_zero_needs_no_reference():
+  logp = np.array([[-1.0, -2.0, -0.3], [-0.5, -0.7, -0.9]], np.float32)
+  old = logp + np.float32(0.1)
+  ref = np.array([[-1.2, -1.5, 0.0], [-0.4, -0.7, -3.0]], np.float32)
+  adv = np.array([0.5, -0.25], np.float32)
+  mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
+  surr = _surrogate(np.exp(logp - old), adv[:, None])
+  d = ref - logp
+  k3 = np.exp(d) - d - 1
+  seq_mean = lambda v: ((v[0, :2].sum() / 2) + (v[1].sum() / 3)) / 2
+  loss, m = grpo.grpo_loss(logp, old, adv, mask, beta=0.1, ref_logp=ref,
+                           loss_agg="seq-mean-token-mean")
+  assert float(loss) == pytest.approx(seq_mean(surr) + 0.1 * seq_mean(k3), rel=1e-5)
+  assert float(m["kl"]) == pytest.approx((k3 * mask).sum() / 5, rel=1e-5)
+  # beta = 0: no KL in the loss, but the metric is still reported when ref is given.
+  base, m0 = grpo.grpo_loss(logp, old, adv, mask, ref_logp=ref, kl_estimator="k1")
+  assert float(base) == pytest.approx((surr * mask).sum() / 5, rel=1e-5)
+  assert float(m0["kl"]) == pytest.approx(((logp - ref) * mask).sum() / 5, rel=1e-5)
+  _, no_ref = grpo.grpo_loss(logp, old, adv, mask)
+  assert "kl" not in no_ref
+  with pytest.raises(ValueError, match="beta 0.1 needs ref_logp"):
+    grpo.grpo_loss(logp, old, adv, mask, beta=0.1)
 
 
 def test_truncated_importance_sampling_weights_are_capped():
-  logp = old = np.zeros((1, 2), np.float32)
-  sampler = np.log(np.array([[0.25, 2.0]], np.float32))  # weights exp(0 - s) = 4, 0.5
-  adv, mask = np.array([1.0], np.float32), np.ones((1, 2), np.float32)
-  loss, m = grpo.grpo_loss(logp, old, adv, mask, sampler_logp=sampler, tis_cap=2.0)
-  assert float(loss) == pytest.approx(-(2.0 + 0.5) / 2)
-  assert float(m["tis_weight_mean"]) == pytest.approx(1.25)
+  logp = old = np.zeros((1, 3), np.float32)
+  sampler = np.log(np.array([[0.25, 2.0, 1.0]], np.float32))  # exp(0 - s) = 4, 0.5, 1
+  adv, mask = np.array([1.0], np.float32), np.ones((1, 3), np.float32)
+  f = lambda lp, s: grpo.grpo_loss(lp, old, adv, mask, sampler_logp=s, tis_cap=2.0)
+  (loss, m), (g_logp, g_sampler) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(logp), jnp.asarray(sampler))
+  w = np.array([2.0, 0.5, 1.0])  # 4 capped at 2
+  assert float(loss) == pytest.approx(-w.sum() / 3)
+  assert float(m["tis_weight_mean"]) == pytest.approx(w.mean())
+  np.testing.assert_allclose(np.asarray(g_logp), [-w / 3], rtol=1e-6)  # ratio 1, A 1
+  np.testing.assert_array_equal(np.asarray(g_sampler), 0.0)  # weight is stop-gradient
+  assert "tis_weight_mean" not in grpo.grpo_loss(logp, old, adv, mask)[1]
+  with pytest.raises(ValueError, match="tis_cap 2.0 needs sampler_logp"):
+    grpo.grpo_loss(logp, old, adv, mask, tis_cap=2.0)
 
 
 def _case():
+  """B=4, T=200, row 3 half padded (750 valid tokens), 2 functional positions."""
   rng = np.random.default_rng(0)
   logp = rng.normal(-1.0, 0.3, (4, 200)).astype(np.float32)
   old = logp + rng.normal(0, 0.05, (4, 200)).astype(np.float32)
@@ -90,7 +128,7 @@ def _case():
   mask = np.ones((4, 200), np.float32)
   mask[3, 150:] = 0
   fmask = np.zeros((4, 200), np.float32)
-  fmask[0, 10] = fmask[1, 50] = 1  # 2 of ~750 tokens
+  fmask[0, 10] = fmask[1, 50] = 1
   return logp, old, adv, mask, fmask
 
 
@@ -98,45 +136,110 @@ def test_alpha_zero_is_exactly_grpo():
   logp, old, adv, mask, fmask = _case()
   f = lambda lp, **kw: grpo.grpo_loss(lp, old, adv, mask, **kw)[0]
   l0, g0 = jax.value_and_grad(f)(jnp.asarray(logp))
-  l1, g1 = jax.value_and_grad(lambda lp: f(lp, functional_mask=fmask, alpha=0.0))(
-      jnp.asarray(logp))
-  assert float(l0) == float(l1)
-  np.testing.assert_array_equal(np.asarray(g0), np.asarray(g1))
+  for anchor in grpo.ANCHORS:
+    l1, g1 = jax.value_and_grad(
+        lambda lp: f(lp, functional_mask=fmask, alpha=0.0, anchor=anchor))(jnp.asarray(logp))
+    assert float(l0) == float(l1)
+    np.testing.assert_array_equal(np.asarray(g0), np.asarray(g1))
 
 
-def test_pg_anchor_value_and_empty_anchor():
+def test_pg_anchor_is_the_mean_surrogate_over_functional_positions():
   logp, old, adv, mask, fmask = _case()
+  fmask[3, 180] = 1  # padding: not a completion token, so not in M_func
   loss, m = grpo.grpo_loss(logp, old, adv, mask, functional_mask=fmask, alpha=0.5)
   surr = _surrogate(np.exp(logp - old), adv[:, None])
   want_anchor = (surr[0, 10] + surr[1, 50]) / 2
   assert float(m["anchor_loss"]) == pytest.approx(want_anchor, rel=1e-5)
   assert float(m["functional_positions"]) == 2
-  base, _ = grpo.grpo_loss(logp, old, adv, mask)
-  assert float(loss) == pytest.approx(float(base) + 0.5 * want_anchor, rel=1e-5)
-  empty = lambda lp: grpo.grpo_loss(lp, old, adv, mask, functional_mask=np.zeros_like(fmask),
-                                    alpha=1.0)[0]
-  val, grad = jax.value_and_grad(empty)(jnp.asarray(logp))
-  assert float(val) == pytest.approx(float(base)) and np.isfinite(np.asarray(grad)).all()
+  want_grpo = (surr * mask).sum() / 750
+  assert float(m["pg_loss"]) == pytest.approx(want_grpo, rel=1e-5)
+  assert float(loss) == pytest.approx(want_grpo + 0.5 * want_anchor, rel=1e-5)
+  with pytest.raises(ValueError, match="alpha 0.5 needs functional_mask"):
+    grpo.grpo_loss(logp, old, adv, mask, alpha=0.5)
+
+
+@pytest.mark.parametrize("anchor", grpo.ANCHORS)
+def test_empty_anchor_is_zero_with_finite_gradient(anchor):
+  logp, old, adv, mask, fmask = _case()
+  base = float(grpo.grpo_loss(logp, old, adv, mask)[0])
+  if anchor == "pg":
+    fmask = np.zeros_like(fmask)
+  else:  # functional tokens only in negative-advantage rollouts: M_func is empty
+    fmask = np.zeros_like(fmask)
+    fmask[1, 5] = fmask[3, 7] = 1
+  f = lambda lp: grpo.grpo_loss(lp, old, adv, mask, functional_mask=fmask, alpha=1.0,
+                                anchor=anchor)
+  (val, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
+  assert float(m["anchor_loss"]) == 0.0 and float(m["functional_positions"]) == 0.0
+  assert float(val) == pytest.approx(base, rel=1e-6)
+  assert np.isfinite(np.asarray(grad)).all()
 
 
 def test_nll_pos_anchor_uses_positive_advantage_rollouts_only():
   logp, old, adv, mask, fmask = _case()  # row 0 has A > 0, row 1 has A < 0
-  _, m = grpo.grpo_loss(logp, old, adv, mask, functional_mask=fmask, alpha=1.0,
-                        anchor="nll_pos")
-  assert float(m["functional_positions"]) == 1
-  assert float(m["anchor_loss"]) == pytest.approx(-logp[0, 10], rel=1e-6)
-  with pytest.raises(ValueError, match="anchor 'kl'"):
-    grpo.grpo_loss(logp, old, adv, mask, anchor="kl")
+  fmask[2, 20] = 1  # A = 0.8 > 0
+  f = lambda lp, a: grpo.grpo_loss(lp, old, adv, mask, functional_mask=fmask, alpha=a,
+                                   anchor="nll_pos")
+  (_, m), g1 = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), 2.0)
+  g0 = jax.grad(lambda lp: f(lp, 0.0)[0])(jnp.asarray(logp))
+  assert float(m["functional_positions"]) == 2
+  assert float(m["anchor_loss"]) == pytest.approx(-(logp[0, 10] + logp[2, 20]) / 2, rel=1e-6)
+  extra = np.asarray(g1) - np.asarray(g0)  # d(2 * -(lp_a + lp_b) / 2) = -1 at each
+  want = np.zeros_like(extra)
+  want[0, 10] = want[2, 20] = -1.0
+  np.testing.assert_allclose(extra, want, atol=1e-6)  # row 1's token gets nothing
 
 
 def test_gradient_dilution_on_arrays():
-  """With ~0.3% functional tokens, the anchor multiplies their gradient many times."""
+  """2 functional tokens among 750: token-mean gives each 1/750 of the step, the anchor
+  adds 1/2, so the gradient at those positions grows by 1 + 750/2 = 376x."""
   logp, old, adv, mask, fmask = _case()
   grad = lambda a: np.asarray(jax.grad(lambda lp: grpo.grpo_loss(
       lp, old, adv, mask, functional_mask=fmask, alpha=a)[0])(jnp.asarray(logp)))
   g0, g1 = grad(0.0), grad(1.0)
   at = fmask > 0
-  ratio = np.abs(g1[at]).sum() / np.abs(g0[at]).sum()
-  print(f"\n[grpo] functional-position gradient, LA-GRPO(alpha=1) / GRPO = {ratio:.0f}x")
-  assert ratio > 50
+  ratio = g1[at] / g0[at]
+  print(f"\n[grpo] functional-position gradient, LA-GRPO(alpha=1) / GRPO: {ratio}")
+  np.testing.assert_allclose(ratio, 1 + mask.sum() / 2, rtol=1e-4)
   np.testing.assert_array_equal(g1[~at], g0[~at])  # the anchor touches only M_func
+
+
+def test_garbage_at_masked_positions_does_not_leak():
+  logp, old, adv, mask, fmask = _case()
+  ref = logp - np.float32(0.2)
+  dirty_old, dirty_ref = old.copy(), ref.copy()
+  dirty_old[3, 150:] = 500.0  # exp(logp - old) underflows, exp(old - sampler) overflows
+  dirty_ref[3, 150:] = 500.0
+  def f(lp, o, r):
+    return grpo.grpo_loss(lp, o, adv, mask, beta=0.1, ref_logp=r, sampler_logp=logp,
+                          tis_cap=2.0, functional_mask=fmask, alpha=1.0)[0]
+  clean, g_clean = jax.value_and_grad(f)(jnp.asarray(logp), old, ref)
+  dirty, g_dirty = jax.value_and_grad(f)(jnp.asarray(logp), dirty_old, dirty_ref)
+  assert np.isfinite(float(dirty)) and float(dirty) == pytest.approx(float(clean), rel=1e-6)
+  np.testing.assert_allclose(np.asarray(g_dirty), np.asarray(g_clean), rtol=1e-6)
+
+
+def test_jit_with_a_traced_alpha_matches_eager():
+  logp, old, adv, mask, fmask = _case()
+  eager, m_eager = grpo.grpo_loss(logp, old, adv, mask, functional_mask=fmask, alpha=0.5,
+                                  loss_agg="seq-mean-token-sum-norm")
+  jitted = jax.jit(lambda lp, a: grpo.grpo_loss(
+      lp, old, adv, mask, functional_mask=fmask, alpha=a, loss_agg="seq-mean-token-sum-norm"))
+  loss, m = jitted(logp, jnp.float32(0.5))
+  assert float(loss) == pytest.approx(float(eager), rel=1e-6)
+  assert set(m) == set(m_eager) and all(v.dtype == jnp.float32 for v in m.values())
+
+
+def test_bad_arguments_are_named():
+  logp, old, adv, mask, fmask = _case()
+  call = functools.partial(grpo.grpo_loss, logp, old, adv, mask)
+  with pytest.raises(ValueError, match="anchor 'kl'"):
+    call(anchor="kl")
+  with pytest.raises(ValueError, match="kl_estimator 'k2'"):
+    call(kl_estimator="k2")  # rejected even without a reference
+  with pytest.raises(ValueError, match="loss aggregation 'mean'"):
+    call(loss_agg="mean")
+  with pytest.raises(ValueError, match=r"advantages has shape \(3,\), expected \(4,\)"):
+    grpo.grpo_loss(logp, old, adv[:3], mask)
+  with pytest.raises(ValueError, match="functional_mask has shape"):
+    call(functional_mask=fmask[:, :10], alpha=1.0)
