@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 import time
 
 import jax
@@ -35,6 +37,7 @@ class Report:
   topology: str
   step: str
   mesh: str
+  rows: int
   argument_gib: float
   temp_gib: float
   output_gib: float
@@ -90,15 +93,40 @@ def _analyse(compiled, hbm_gib) -> dict:
               tflops=float(cost.get("flops", 0.0)) / 1e12)
 
 
+_OOM = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _shard_bytes(tree) -> int:
+  """Per-device bytes of the largest shard of each abstract, sharded array in `tree`."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
+
+
+def _out_of_memory(error, args, hbm_gib, lowered) -> dict:
+  """Report fields for a step the compiler rejected for exceeding HBM: arguments from their
+  shardings, temporaries from the compiler's message; re-raises any other error."""
+  m = _OOM.search(str(error))
+  if "RESOURCE_EXHAUSTED" not in str(error) or not m:
+    raise error
+  temp = float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1) / GIB
+  arg = _shard_bytes(args) / GIB
+  flops = (lowered.cost_analysis() or {}).get("flops", 0.0)
+  return dict(argument_gib=arg, temp_gib=temp, output_gib=0.0, alias_gib=0.0,
+              total_gib=arg + temp, hbm_gib=hbm_gib, tflops=float(flops) / 1e12)
+
+
 def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, length: int,
                   patches: int, new_tokens: int, steps=("sft", "la-grpo", "sampler"),
                   remat: str = "dots_no_batch", chunk: int = 512, group_size: int = 8,
-                  devices=None, hbm_gib: float | None = None) -> list[Report]:
+                  sampler_prompts: int | None = None, devices=None,
+                  hbm_gib: float | None = None) -> list[Report]:
   """Compiles the chosen steps of one model size for one slice; returns their reports.
 
   batch: global sequences per step (SFT and LA-GRPO), length: tokens per sequence,
   patches: vision patches per sequence (one image), new_tokens: sampler completion length
-  (the sampler's prompt length is length - new_tokens, batch / group_size prompts).
+  (the sampler's prompt length is length - new_tokens). sampler_prompts: prompts per
+  rollout call (default: batch / group_size, rounded up to the mesh's data x fsdp batch
+  shards, since every shard needs at least one prompt); each yields group_size rows.
   """
   devices = topology_devices(topology) if devices is None else devices
   if hbm_gib is None:
@@ -123,19 +151,22 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
   reports = []
   replicated = sharding.replicated(mesh)
 
-  def run(name, fn, *args, **jit_kwargs):
+  def run(name, rows, fn, *args, **jit_kwargs):
     t0 = time.perf_counter()
     with sharding.with_rules(mesh, sharding.SAMPLING_RULES if name == "sampler"
                              else sharding.RULES):
-      compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
-    reports.append(Report(size=size, topology=topology, step=name, mesh=mesh_desc,
-                          compile_s=time.perf_counter() - t0,
-                          **_analyse(compiled, hbm_gib)))
+      lowered = jax.jit(fn, **jit_kwargs).lower(*args)
+      try:
+        stats = _analyse(lowered.compile(), hbm_gib)
+      except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+        stats = _out_of_memory(e, args, hbm_gib, lowered)
+    reports.append(Report(size=size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
+                          compile_s=time.perf_counter() - t0, **stats))
 
   if "sft" in steps:
     b = _batch(mesh, dict(common, loss_mask=((batch, length), jnp.int32),
                           position_ids=((batch, 3, length), jnp.int32)))
-    run("sft", functools.partial(sft_step, config=config, optimizer=optimizer,
+    run("sft", batch, functools.partial(sft_step, config=config, optimizer=optimizer,
                                  functional_ids=functional_ids, chunk=chunk), state, b,
         out_shardings=(state_sh, replicated), donate_argnums=0)
   if "la-grpo" in steps:
@@ -143,12 +174,13 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
     b = _batch(mesh, dict(common, completion_mask=((batch, length), jnp.int32),
                           old_logp=per_token, sampler_logp=per_token,
                           advantages=((batch,), jnp.float32)))
-    run("la-grpo", functools.partial(rl_step, config=config, optimizer=optimizer,
+    run("la-grpo", batch, functools.partial(rl_step, config=config, optimizer=optimizer,
                                      rl=default_rl(), functional_ids=functional_ids,
                                      chunk=chunk), state, b,
         out_shardings=(state_sh, replicated), donate_argnums=0)
   if "sampler" in steps:
-    prompts = max(batch // group_size, 1)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    prompts = sampler_prompts or -(-max(batch // group_size, 1) // shards) * shards
     t = length - new_tokens
     settings = sampler_lib.SamplerSettings(max_new_tokens=new_tokens, temperature=1.0,
                                            samples_per_prompt=group_size, stop_ids=(1,))
@@ -165,18 +197,20 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
       return sampler_lib.decode(config, params, state, allowed, settings).tokens
 
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    run("sampler", sample, params, p, key)
+    run("sampler", prompts * group_size, sample, params, p, key)
   return reports
 
 
 def format_table(reports: list[Report]) -> str:
-  head = (f"{'size':<16}{'slice':<10}{'step':<9}{'mesh':<18}{'args':>8}{'temp':>8}"
+  head = (f"{'size':<16}{'slice':<10}{'step':<9}{'mesh':<18}{'rows':>5}{'args':>8}{'temp':>8}"
           f"{'total':>8}{'HBM':>6}{'fits':>6}{'TFLOP':>9}{'compile':>9}")
   lines = [head, "-" * len(head)]
   for r in reports:
-    lines.append(f"{r.size:<16}{r.topology:<10}{r.step:<9}{r.mesh:<18}{r.argument_gib:>8.2f}"
+    lines.append(f"{r.size:<16}{r.topology:<10}{r.step:<9}{r.mesh:<18}{r.rows:>5}"
+                 f"{r.argument_gib:>8.2f}"
                  f"{r.temp_gib:>8.2f}{r.total_gib:>8.2f}{r.hbm_gib:>6.0f}"
                  f"{'yes' if r.fits else 'NO':>6}{r.tflops:>9.1f}{r.compile_s:>8.1f}s")
-  lines.append("GiB per chip: args = params + optimizer state + batch (sharded), temp = "
+  lines.append("rows: sequences per step (sampler: prompts x group size). "
+               "GiB per chip: args = params + optimizer state + batch (sharded), temp = "
                "activations and scratch, total = args + temp + outputs - donated aliases.")
   return "\n".join(lines)

@@ -5,6 +5,9 @@ without TPUs (needs libtpu: pip install -e '.[tpu]').
   python -m launch.aot_report --sizes=qwen2.5-vl-72b --topologies=v5p:4x4x4 --fsdp=-1
 """
 
+import dataclasses
+import json
+
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -21,6 +24,9 @@ flags.DEFINE_integer("new_tokens", 1024, "Sampler completion length.")
 flags.DEFINE_integer("group_size", 8, "Sampler completions per prompt.")
 flags.DEFINE_string("remat", "dots_no_batch", "Remat policy.")
 flags.DEFINE_integer("chunk", 512, "Log-prob sequence chunk.")
+flags.DEFINE_integer("sampler_prompts", 0, "Prompts per rollout call (0: batch / group_size, "
+                     "rounded up to the batch shards).")
+flags.DEFINE_string("output", "", "Also write the reports as JSON lines to this file.")
 
 
 def main(argv):
@@ -35,10 +41,14 @@ def main(argv):
                                         "tensor": FLAGS.tensor},
             batch=FLAGS.batch, length=FLAGS.length, patches=FLAGS.patches,
             new_tokens=FLAGS.new_tokens, steps=tuple(FLAGS.steps), remat=FLAGS.remat,
-            chunk=FLAGS.chunk, group_size=FLAGS.group_size)
+            chunk=FLAGS.chunk, group_size=FLAGS.group_size,
+            sampler_prompts=FLAGS.sampler_prompts or None)
       except Exception as e:  # one failing combination must not hide the others
         print(f"{size} on {topology}: failed: {type(e).__name__}: {e}")
       print(aot.format_table(reports), flush=True)
+      if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+          f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in reports)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
               batch_size=rl.eval_batch_size)
   iterator = pipeline.rl_pipeline(source, num_epochs=1, **opts)
   sampler = sampler_for(run, rl, greedy=True, group_size=1)
-  totals, comps, func, lengths, seen = [], {}, [], [], 0
+  totals, comps, func, lengths, tasks, seen = [], {}, [], [], [], 0
   t0, generated = time.perf_counter(), 0
   with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
     for batch in iterator:
@@ -67,6 +67,7 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
       for k, v in parts.items():
         comps.setdefault(k, []).append(v[:keep])
       func.append(rollout.functional_counts(texts[:keep], run.table.tokens))
+      tasks += [s.task or "" for s in samples[:keep]]
       lengths.append(out["mask"].sum(1)[:keep])
       if seen == keep:  # the first batch compiles; time the rest
         t0 = time.perf_counter()
@@ -78,6 +79,10 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
             "completion_length": float(np.concatenate(lengths).mean()),
             "prompts": float(seen), "rollout_tokens_per_s": generated / elapsed}
   result.update({k: float(np.concatenate(v).mean()) for k, v in comps.items()})
+  if "accuracy" in comps:  # per task family, for the families present
+    acc, tasks = np.concatenate(comps["accuracy"]), np.asarray(tasks)
+    result.update({f"accuracy/{t}": float(acc[tasks == t].mean())
+                   for t in sorted(set(tasks.tolist())) if t})
   return result
 
 
