@@ -118,6 +118,7 @@ def _out_of_memory(error, args, hbm_gib, lowered) -> dict:
 def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, length: int,
                   patches: int, new_tokens: int, steps=("sft", "la-grpo", "sampler"),
                   remat: str = "dots_no_batch", chunk: int = 512, group_size: int = 8,
+                  attention_chunk: int = 0,
                   sampler_prompts: int | None = None, devices=None,
                   hbm_gib: float | None = None) -> list[Report]:
   """Compiles the chosen steps of one model size for one slice; returns their reports.
@@ -132,7 +133,7 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
   if hbm_gib is None:
     hbm_gib = HBM_GIB[topology.split(":")[0]]
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  config = from_size(size, dtype="bfloat16", remat=remat)
+  config = from_size(size, dtype="bfloat16", remat=remat, attention_chunk=attention_chunk)
   param_sh = sharding.param_shardings(mesh, config)
   from atlas_jax.model import abstract_params
   params = _abstract(abstract_params(config), param_sh)

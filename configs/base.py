@@ -20,6 +20,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_checkpoint = ""  # orbax checkpoint directory to take params from (RL after SFT)
   c.model.dtype = "float32"  # compute dtype; master params are always float32
   c.model.remat = "none"     # none | full | dots | dots_no_batch | attention_out
+  c.model.attention_chunk = 0  # >0: decoder attention over this many queries at a time
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""      # local HF tokenizer dir; empty: hf_path, else build the tiny BPE

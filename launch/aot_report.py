@@ -24,6 +24,7 @@ flags.DEFINE_integer("new_tokens", 1024, "Sampler completion length.")
 flags.DEFINE_integer("group_size", 8, "Sampler completions per prompt.")
 flags.DEFINE_string("remat", "dots_no_batch", "Remat policy.")
 flags.DEFINE_integer("chunk", 512, "Log-prob sequence chunk.")
+flags.DEFINE_integer("attention_chunk", 1024, "Decoder attention query chunk (0: off).")
 flags.DEFINE_integer("sampler_prompts", 0, "Prompts per rollout call (0: batch / group_size, "
                      "rounded up to the batch shards).")
 flags.DEFINE_string("output", "", "Also write the reports as JSON lines to this file.")
@@ -42,7 +43,8 @@ def main(argv):
             batch=FLAGS.batch, length=FLAGS.length, patches=FLAGS.patches,
             new_tokens=FLAGS.new_tokens, steps=tuple(FLAGS.steps), remat=FLAGS.remat,
             chunk=FLAGS.chunk, group_size=FLAGS.group_size,
-            sampler_prompts=FLAGS.sampler_prompts or None)
+            sampler_prompts=FLAGS.sampler_prompts or None,
+            attention_chunk=FLAGS.attention_chunk)
       except Exception as e:  # one failing combination must not hide the others
         print(f"{size} on {topology}: failed: {type(e).__name__}: {e}")
       print(aot.format_table(reports), flush=True)

@@ -92,6 +92,7 @@ class ModelConfig:
   pad_token_id: int | None = None
   dtype: str = "float32"
   remat: str = "none"
+  attention_chunk: int = 0  # >0: decoder queries attend this many at a time (long contexts)
   hf_extra: str = "{}"
 
   def __post_init__(self):
@@ -109,6 +110,8 @@ def validate(config: ModelConfig) -> None:
   t, v = config.text, config.vision
   if config.dtype not in _DTYPES:
     raise ValueError(f"model dtype {config.dtype!r} is not one of {_DTYPES}")
+  if config.attention_chunk < 0:
+    raise ValueError(f"model attention_chunk {config.attention_chunk} must be >= 0 (0: off)")
   if config.remat not in _REMAT_POLICIES:
     raise ValueError(f"model remat {config.remat!r} is not one of {_REMAT_POLICIES}")
   if t.hidden_size % t.num_attention_heads:

@@ -89,13 +89,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-  """Softmax attention with grouped kv heads; logits and softmax in fp32.
-
-  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S] (True = may attend) or None.
-  Returns [B, T, N, H]. A query row with nothing to attend to gets a uniform average
-  (never NaN); callers ignore such rows (padding).
-  """
+def _attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
@@ -106,6 +100,30 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
   return out.reshape(b, t, n, h)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None, chunk: int = 0) -> Array:
+  """Softmax attention with grouped kv heads; logits and softmax in fp32.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S] (True = may attend) or None.
+  Returns [B, T, N, H]. A query row with nothing to attend to gets a uniform average
+  (never NaN); callers ignore such rows (padding).
+
+  chunk > 0 and T a multiple of it larger than it: queries are processed `chunk` at a time
+  (a `lax.map` of rematerialised blocks), so the fp32 logits held at once are
+  [B, N, chunk, S] instead of [B, N, T, S], in the forward and the backward pass. Exact:
+  each query row's softmax sees all of its keys.
+  """
+  t = q.shape[1]
+  if not chunk or t <= chunk or t % chunk:
+    return _attend(q, k, v, mask)
+  n = t // chunk
+  blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+  body = jax.checkpoint(lambda qm: _attend(qm[0], k, v, qm[1]))
+  if mask is None:
+    body = jax.checkpoint(lambda qm: _attend(qm[0], k, v, None))
+  out = jax.lax.map(body, (blocks(q), None if mask is None else blocks(mask)))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
 REMAT_POLICIES = {

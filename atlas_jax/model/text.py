@@ -22,6 +22,7 @@ from atlas_jax.model.config import TextConfig
 class DecoderLayer(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
+  attention_chunk: int = 0
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache_index, cache):
@@ -41,7 +42,8 @@ class DecoderLayer(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
                                               cache_index, axis=1)
       cache = {"k": k, "v": v}
-    attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                            chunk=self.attention_chunk)
     attn = checkpoint_name(attn, "attention_out")
     x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
                          dtype=self.dtype, name="o")(attn)
@@ -61,6 +63,7 @@ class Decoder(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
   remat: str = "none"
+  attention_chunk: int = 0
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache_index=None, cache=None):
@@ -69,6 +72,6 @@ class Decoder(nn.Module):
     cache_axis = nn.broadcast if cache is None else 0
     stack = layers.scan_layers(block, cfg.num_hidden_layers,
                                in_axes=(nn.broadcast,) * 4 + (cache_axis,))
-    x, cache = stack(cfg, self.dtype, name="layers")(x, cos, sin, mask, cache_index, cache)
+    x, cache = stack(cfg, self.dtype, self.attention_chunk, name="layers")(x, cos, sin, mask, cache_index, cache)
     x = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
     return x, cache

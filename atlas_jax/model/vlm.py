@@ -44,7 +44,7 @@ class Qwen25VL(nn.Module):
     self.embed = nn.Embed(
         cfg.text.vocab_size, cfg.text.hidden_size, dtype=dtype, param_dtype=jnp.float32,
         embedding_init=layers.logical_init(layers.DEFAULT_INIT, ("vocab", "embed")))
-    self.decoder = Decoder(cfg.text, dtype, cfg.remat)
+    self.decoder = Decoder(cfg.text, dtype, cfg.remat, cfg.attention_chunk)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.text.vocab_size, -1, ("embed", "vocab"), dtype=dtype,
                                   name="lm_head")

@@ -113,11 +113,13 @@ def load_tokenizer(c, workdir: str):
 
 def load_model(c, tokenizer, mesh):
   """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
-  runtime = dict(dtype=c.model.dtype, remat=c.model.remat)
+  runtime = dict(dtype=c.model.dtype, remat=c.model.remat,
+                 attention_chunk=c.model.attention_chunk)
   if c.model.init_checkpoint:
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
     config, params = hf.load(c.model.hf_path, compute_dtype=c.model.dtype, remat=c.model.remat)
+    config = config.replace(attention_chunk=c.model.attention_chunk)
     image_id = functional_tokens.token_id(tokenizer, "<|image_pad|>")
     if image_id != config.image_token_id:
       raise ValueError(f"tokenizer's <|image_pad|> id {image_id} differs from config.json's "
