@@ -58,6 +58,11 @@ def topology_devices(topology: str):
   return topologies.get_topology_desc(topology, "tpu").devices
 
 
+def chip_count(topology: str) -> int:
+  """Chips in a slice description: "v5e:4x4" -> 16, "v5p:4x4x4" -> 64."""
+  return math.prod(int(d) for d in topology.split(":")[1].split("x"))
+
+
 def default_optim(total_steps: int = 1000):
   o = ml_collections.ConfigDict(dict(
       lr=1e-5, warmup_steps=10, total_steps=total_steps, final_lr_fraction=0.1,
@@ -123,7 +128,8 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
                   hbm_gib: float | None = None) -> list[Report]:
   """Compiles the chosen steps of one model size for one slice; returns their reports.
 
-  batch: global sequences per step (SFT and LA-GRPO), length: tokens per sequence,
+  batch: global sequences per step (SFT and LA-GRPO; <= 0: one per batch shard),
+  length: tokens per sequence,
   patches: vision patches per sequence (one image), new_tokens: sampler completion length
   (the sampler's prompt length is length - new_tokens). sampler_prompts: prompts per
   rollout call (default: batch / group_size, rounded up to the mesh's data x fsdp batch
@@ -133,6 +139,8 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
   if hbm_gib is None:
     hbm_gib = HBM_GIB[topology.split(":")[0]]
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  if batch <= 0:
+    batch = mesh.shape["data"] * mesh.shape["fsdp"]
   config = from_size(size, dtype="bfloat16", remat=remat, attention_chunk=attention_chunk)
   param_sh = sharding.param_shardings(mesh, config)
   from atlas_jax.model import abstract_params

@@ -55,8 +55,9 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
     for batch in iterator:
       if seen >= max_prompts:
         break
-      out = jax.device_get(sampler.sample(params, setup.host_batch_to_device(batch, run.mesh),
-                                          jax.random.key(0)))
+      out = sampler.sample(params, setup.host_batch_to_device(batch, run.mesh),
+                           jax.random.key(0))
+      out = {k: rollout.local_rows(out[k]) for k in ("tokens", "mask")}
       texts = rollout.decode_completions(run.tokenizer, out["tokens"], out["mask"])
       samples = rollout.host_samples(batch, 1)
       total, parts = rewards_lib.compute_rewards(texts, samples, reward_cfg,
@@ -74,16 +75,29 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
       else:
         generated += int(out["mask"].sum())
   elapsed = max(time.perf_counter() - t0, 1e-9)
-  result = {"reward": float(np.concatenate(totals).mean()),
-            "functional_per_completion": float(np.concatenate(func).mean()),
-            "completion_length": float(np.concatenate(lengths).mean()),
-            "prompts": float(seen), "rollout_tokens_per_s": generated / elapsed}
-  result.update({k: float(np.concatenate(v).mean()) for k, v in comps.items()})
-  if "accuracy" in comps:  # per task family, for the families present
-    acc, tasks = np.concatenate(comps["accuracy"]), np.asarray(tasks)
-    result.update({f"accuracy/{t}": float(acc[tasks == t].mean())
-                   for t in sorted(set(tasks.tolist())) if t})
+  cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
+  result = {"reward": rollout.global_mean(cat(totals)),
+            "functional_per_completion": rollout.global_mean(cat(func)),
+            "completion_length": rollout.global_mean(cat(lengths)),
+            "prompts": rollout.global_mean(seen) * jax.process_count(),
+            "rollout_tokens_per_s": rollout.global_mean(generated) * jax.process_count()
+            / elapsed}
+  result.update({k: rollout.global_mean(cat(v)) for k, v in sorted(comps.items())})
+  if "accuracy" in comps:  # per task family (the same list on every process)
+    acc, tasks = cat(comps["accuracy"]), np.asarray(tasks)
+    for t in sorted(rewards_lib.TASK_TOKENS):
+      value = rollout.global_mean(acc[tasks == t])
+      if not np.isnan(value):
+        result[f"accuracy/{t}"] = value
   return result
+
+
+@jax.jit
+def _logp_drift(batch):
+  """Mean |trainer - sampler| log-prob over completion tokens (prediction layout)."""
+  pred_mask = batch["completion_mask"][:, 1:]  # position j predicts token j + 1
+  drift = jnp.abs(batch["old_logp"][:, :-1] - batch["sampler_logp"][:, :-1])
+  return jnp.sum(drift * pred_mask) / jnp.maximum(jnp.sum(pred_mask), 1)
 
 
 def train_rl(c, workdir: str):
@@ -110,21 +124,24 @@ def train_rl(c, workdir: str):
                    out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=0)
 
   last: dict = {}
-  for step in range(int(state.step) // rl.inner_updates, c.train.steps // rl.inner_updates):
+  start_step = int(state.step)
+  end = c.train.steps if c.train.stop_after < 0 else min(c.train.steps,
+                                                         start_step + c.train.stop_after)
+  for step in range(start_step // rl.inner_updates, end // rl.inner_updates):
     t0 = time.perf_counter()
     prompts_host = next(iterator)
     prompts = setup.host_batch_to_device(prompts_host, run.mesh)
     key = jax.random.fold_in(state.step_key(), 1)
     with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
       out = sampler.sample(state.params, prompts, key)
-    tokens, mask = jax.device_get((out["tokens"], out["mask"]))
+    tokens, mask = rollout.local_rows(out["tokens"]), rollout.local_rows(out["mask"])
     t_rollout = time.perf_counter() - t0
     texts = rollout.decode_completions(run.tokenizer, tokens, mask)
     samples = rollout.host_samples(prompts_host, rl.group_size)
     total, parts = rewards_lib.compute_rewards(texts, samples, reward_cfg,
                                                num_tokens=mask.sum(1).tolist())
-    advantages = grpo.group_advantages(jnp.asarray(total), rl.group_size,
-                                       scale_by_std=rl.scale_adv_by_std)
+    advantages = rollout.to_global_rows(np.asarray(grpo.group_advantages(
+        jnp.asarray(total), rl.group_size, scale_by_std=rl.scale_adv_by_std)), run.mesh)
     batch = rollout.assemble(prompts, out, advantages, group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
       batch["old_logp"], _ = old_logps(state.params, batch)
@@ -134,24 +151,23 @@ def train_rl(c, workdir: str):
       for _ in range(rl.inner_updates):
         state, m = update(state, batch)
         metrics.append(m)
-    pred_mask = np.asarray(batch["completion_mask"][:, 1:])  # prediction layout, j -> j + 1
-    drift = np.abs(np.asarray(batch["old_logp"][:, :-1] - batch["sampler_logp"][:, :-1]))
     m = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[0]}
-    m.update(reward=float(total.mean()), **{f"reward_{k}": float(v.mean())
-                                           for k, v in parts.items()},
-             functional_per_completion=float(
-                 rollout.functional_counts(texts, run.table.tokens).mean()),
-             completion_length=float(mask.sum(1).mean()),
-             logp_drift=float((drift * pred_mask).sum() / max(pred_mask.sum(), 1)),
-             rollout_tokens_per_s=float(mask.sum()) / t_rollout,
+    m.update(reward=rollout.global_mean(total),
+             **{f"reward_{k}": rollout.global_mean(v) for k, v in parts.items()},
+             functional_per_completion=rollout.global_mean(
+                 rollout.functional_counts(texts, run.table.tokens)),
+             completion_length=rollout.global_mean(mask.sum(1)),
+             logp_drift=float(_logp_drift(batch)),
+             rollout_tokens_per_s=rollout.global_mean(mask.sum()) * jax.process_count()
+             / t_rollout,
              step_seconds=time.perf_counter() - t0,
              learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
     done = int(state.step)
-    if done % c.train.log_every < rl.inner_updates or done >= c.train.steps:
+    if done % c.train.log_every < rl.inner_updates or done >= end:
       run.writer.write(done, m, prefix="rl")
     last = m
     run.checkpointer.save(done, state, data_state=iterator.get_state(),
-                          extra=sft_loop.checkpoint_extra(run), force=done >= c.train.steps)
+                          extra=sft_loop.checkpoint_extra(run), force=done >= end)
   run.checkpointer.wait()
   run.checkpointer.close()
   run.writer.close()

@@ -1,7 +1,8 @@
 """From a batch of prompts to a scored rollout batch ready for the LA-GRPO update.
 
-Only completion ids cross to the host (for decoding and rewards); everything else stays
-on device. Letters as in `update.py`: R = B * G rollouts, T prompt length, N new tokens.
+Only completion ids cross to the host (for decoding and rewards), and each process takes
+only its own rows (`local_rows`): a multi-host run never reads arrays another host holds.
+Everything else stays on device. Letters as in `update.py`: R = B * G rollouts, T prompt length, N new tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +14,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.rl import rewards as rewards_lib
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global row order: the rows of
+  the prompts this process fed in (all rows in a single-process run)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  shards = {}
+  for shard in x.addressable_shards:  # replicas (tensor axis) share a start row
+    shards.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def to_global_rows(local: np.ndarray, mesh) -> jax.Array:
+  """Inverse of `local_rows`: each process's rows into one batch-sharded global array."""
+  from atlas_jax import sharding
+  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim),
+                                                local)
+
+
+def global_mean(x) -> float:
+  """Mean over every process's values (a host-side scalar for logging)."""
+  x = np.asarray(x, np.float64).reshape(-1)
+  sums = np.array([x.sum(), x.size])
+  if jax.process_count() > 1:  # every process calls this, in the same order
+    from jax.experimental import multihost_utils
+    sums = multihost_utils.process_allgather(sums).sum(0)
+  return float(sums[0] / sums[1]) if sums[1] else float("nan")
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
