@@ -1,21 +1,22 @@
 """A procedurally drawn visual-reasoning suite, one task family per functional token.
 
-Every example is a small image (sides multiples of 28, so the vision tower sees few
-patches), a four-option multiple-choice question whose options come in a fixed canonical
-order (colours, counts 1-4, quadrants, directions), the gold letter, and an ATLAS-style
-trajectory: a sentence saying what the operation is about, the functional token on its
-own line, the visual fact that decides the question, and `\\boxed{letter}`. Generation is
-deterministic by seed; the correct letter is uniform over A-D in every family.
+Every example is a small image (112x112, so the vision tower sees 16 merged tokens) with
+two objects of two different colours, a question whose four options are the colour names
+in a fixed order, the gold letter, and an ATLAS-style trajectory: a sentence saying what
+the operation is about, the functional token on its own line, the visual fact that decides
+the question, and `\\boxed{letter}`. Generation is deterministic by seed; the answer is
+uniform over the colours (so over A-D) in every family.
 
-  family        token        question
-  line_length   <|Line|>     which coloured segment is longest
-  count         <|Text|>     how many red circles (1-4, among blue squares)
-  region        <|Shape|>    which quadrant holds the triangle
-  relation      <|Arrow|>    where the blue square is relative to the red circle
-  mirror        <|Manip|>    which colour is on the left after a left-right flip
+  family        token        question: which colour is ...
+  line_length   <|Line|>     the longer of two segments (>= 1.6x)
+  count         <|Text|>     the colour with more dots (4-6 against 1-2)
+  region        <|Shape|>    the triangle (next to a circle)
+  relation      <|Arrow|>    the upper of two squares
+  mirror        <|Manip|>    on the left after a left-right flip (two squares)
 
-Canonical option order keeps each family's answer a function of what the picture shows,
-so a model the size of the demo's learns perception, not option lookup, in minutes.
+Seeing which two colours are present is half of every question; the other half is the
+comparison the functional token names. Sized so that the demo's tiny model learns it on a
+CPU in minutes.
 """
 
 from __future__ import annotations
@@ -44,23 +45,30 @@ def _record(question, choices, answer_index, sentence, token, fact, task):
           "answer": letter, "task": task, "answer_type": "choice", "choices": list(choices)}
 
 
+def _pair(rng):
+  """Two distinct colour names, and the canonical option list."""
+  names = list(COLORS)
+  a, b = (names[int(i)] for i in rng.choice(4, 2, replace=False))
+  return a, b, names
+
+
 def line_length(rng: np.random.Generator):
   size = 112
   img = Image.new("RGB", (size, size), "white")
   d = ImageDraw.Draw(img)
-  names = list(COLORS)  # options in the canonical colour order; rows drawn in random order
-  rows = rng.permutation(4)
-  longest = int(rng.integers(4))
-  lengths = rng.integers(25, 55, 4)
-  lengths[longest] = int(rng.integers(75, 96))  # clearly the longest (>= 1.36x)
-  for name, row, length in zip(names, rows, lengths):
-    y = 14 + int(row) * 26
+  long_name, short_name, names = _pair(rng)
+  long_len, short_len = int(rng.integers(72, 97)), int(rng.integers(20, 45))  # >= 1.6x
+  rows = rng.permutation([24, 80])
+  lengths = {}
+  for name, length, y in ((long_name, long_len, rows[0]), (short_name, short_len, rows[1])):
+    y = int(y) + int(rng.integers(-8, 9))
     x0 = int(rng.integers(6, size - 6 - length + 1))
-    d.line([(x0, y), (x0 + int(length), y)], fill=COLORS[name], width=4)
-  rec = _record("Which segment is longest?", names, longest,
+    d.line([(x0, y), (x0 + length, y)], fill=COLORS[name], width=4)
+    lengths[name] = length
+  rec = _record("Which colour is the longest segment?", names, names.index(long_name),
                 "I will draw a guide line along each segment to compare their lengths.",
-                "<|Line|>", f"The {names[longest]} segment is the longest.", "line_length")
-  return img, rec, {"lengths": lengths.tolist(), "colors": names, "rows": rows.tolist()}
+                "<|Line|>", f"The {long_name} segment is the longest.", "line_length")
+  return img, rec, {"lengths": lengths}
 
 
 def _place(rng, boxes, size, r, margin=4):
@@ -73,87 +81,67 @@ def _place(rng, boxes, size, r, margin=4):
 
 
 def count(rng: np.random.Generator):
-  size, r = 112, 8
+  size, r = 112, 7
   img = Image.new("RGB", (size, size), "white")
   d = ImageDraw.Draw(img)
-  answer_index = int(rng.integers(4))
-  n = answer_index + 1  # options are 1-4 in order
+  many_name, few_name, names = _pair(rng)
+  many, few = int(rng.integers(4, 7)), int(rng.integers(1, 3))
   boxes: list = []
-  for _ in range(n):
-    x, y = _place(rng, boxes, size, r)
-    d.ellipse([x - r, y - r, x + r, y + r], fill=COLORS["red"])
-  for _ in range(int(rng.integers(1, 4))):  # distractors: blue squares
-    x, y = _place(rng, boxes, size, r)
-    d.rectangle([x - r, y - r, x + r, y + r], fill=COLORS["blue"])
-  rec = _record("How many red circles are there?", ["1", "2", "3", "4"], answer_index,
-                "I will number each red circle.", "<|Text|>",
-                f"There are {n} red circles.", "count")
-  return img, rec, {"count": n}
-
-
-QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+  for name, n in ((many_name, many), (few_name, few)):
+    for _ in range(n):
+      x, y = _place(rng, boxes, size, r)
+      d.ellipse([x - r, y - r, x + r, y + r], fill=COLORS[name])
+  rec = _record("Which colour has the most dots?", names, names.index(many_name),
+                "I will number the dots of each colour.", "<|Text|>",
+                f"There are {many} {many_name} dots and {few} {few_name} dots.", "count")
+  return img, rec, {"counts": {many_name: many, few_name: few}}
 
 
 def region(rng: np.random.Generator):
-  size = 112
+  size, r = 112, 14
   img = Image.new("RGB", (size, size), "white")
   d = ImageDraw.Draw(img)
-  d.line([(size // 2, 0), (size // 2, size)], fill="black", width=2)
-  d.line([(0, size // 2), (size, size // 2)], fill="black", width=2)
-  q = int(rng.integers(4))
-  half = size // 2
-  cx = (q % 2) * half + int(rng.integers(14, half - 14))
-  cy = (q // 2) * half + int(rng.integers(14, half - 14))
-  d.polygon([(cx, cy - 9), (cx - 9, cy + 8), (cx + 9, cy + 8)], fill=COLORS["green"])
-  for other in range(4):  # distractor circles in other quadrants
-    if other != q and rng.random() < 0.6:
-      ox = (other % 2) * half + int(rng.integers(12, half - 12))
-      oy = (other // 2) * half + int(rng.integers(12, half - 12))
-      d.ellipse([ox - 6, oy - 6, ox + 6, oy + 6], fill=COLORS["orange"])
-  rec = _record("Which quadrant contains the green triangle?", list(QUADRANTS), q,
-                "I will outline the quadrant that holds the green triangle.", "<|Shape|>",
-                f"The triangle is in the {QUADRANTS[q]} quadrant.", "region")
-  return img, rec, {"center": (cx, cy)}
-
-
-RELATIONS = ("left of", "right of", "above", "below")
+  tri_name, circle_name, names = _pair(rng)
+  boxes: list = []
+  tx, ty = _place(rng, boxes, size, r)
+  cx, cy = _place(rng, boxes, size, r)
+  d.polygon([(tx, ty - r), (tx - r, ty + r), (tx + r, ty + r)], fill=COLORS[tri_name])
+  d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[circle_name])
+  rec = _record("Which colour is the triangle?", names, names.index(tri_name),
+                "I will outline the triangle.", "<|Shape|>",
+                f"The outlined triangle is {tri_name}.", "region")
+  return img, rec, {"triangle": (tx, ty, tri_name), "circle": (cx, cy, circle_name)}
 
 
 def relation(rng: np.random.Generator):
-  size, r = 112, 9
+  size, r = 112, 12
   img = Image.new("RGB", (size, size), "white")
   d = ImageDraw.Draw(img)
-  k = int(rng.integers(4))
-  cx, cy = (int(v) for v in rng.integers(40, 72, 2))
-  gap = int(rng.integers(28, 36))
-  jitter = int(rng.integers(-6, 7))
-  sx, sy = {0: (cx - gap, cy + jitter), 1: (cx + gap, cy + jitter),
-            2: (cx + jitter, cy - gap), 3: (cx + jitter, cy + gap)}[k]
-  d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS["red"])
-  d.rectangle([sx - r, sy - r, sx + r, sy + r], fill=COLORS["blue"])
-  direction = ("left", "right", "up", "down")[k]
-  rec = _record("Where is the blue square relative to the red circle?", list(RELATIONS), k,
-                "I will draw an arrow from the red circle to the blue square.", "<|Arrow|>",
-                f"The arrow points {direction}, so the square is {RELATIONS[k]} the circle.",
-                "relation")
-  return img, rec, {"circle": (cx, cy), "square": (sx, sy)}
+  top_name, bottom_name, names = _pair(rng)
+  x_top, x_bottom = (int(v) for v in rng.integers(6 + r, size - 6 - r, 2))
+  y_top = int(rng.integers(6 + r, 40))
+  y_bottom = int(rng.integers(y_top + 2 * r + 16, size - 6 - r + 1))
+  for name, x, y in ((top_name, x_top, y_top), (bottom_name, x_bottom, y_bottom)):
+    d.rectangle([x - r, y - r, x + r, y + r], fill=COLORS[name])
+  rec = _record("Which colour is the square above the other one?", names,
+                names.index(top_name), "I will draw an arrow from the lower square upwards.",
+                "<|Arrow|>", f"The arrow points up to the {top_name} square.", "relation")
+  return img, rec, {"top": (x_top, y_top, top_name), "bottom": (x_bottom, y_bottom, bottom_name)}
 
 
 def mirror(rng: np.random.Generator):
   size, r = 112, 16
   img = Image.new("RGB", (size, size), "white")
   d = ImageDraw.Draw(img)
-  names = list(COLORS)
-  left, right = (names[int(i)] for i in rng.choice(4, 2, replace=False))
+  right, left, names = _pair(rng)
   d.line([(size // 2, 0), (size // 2, size)], fill="black", width=2)
   for name, x in ((left, int(rng.integers(6 + r, size // 2 - 4 - r))),
                   (right, int(rng.integers(size // 2 + 4 + r, size - 6 - r)))):
     y = int(rng.integers(6 + r, size - 6 - r))
     d.rectangle([x - r, y - r, x + r, y + r], fill=COLORS[name])
-  answer_index = names.index(right)
   rec = _record("After flipping the picture from left to right, which colour is on the left?",
-                names, answer_index, "I will flip the picture from left to right.", "<|Manip|>",
-                f"After the flip the {right} square is on the left.", "mirror")
+                names, names.index(right), "I will flip the picture from left to right.",
+                "<|Manip|>", f"After the flip the {right} square is on the left.", "mirror")
   return img, rec, {"left": left, "right": right}
 
 
