@@ -43,7 +43,7 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
   for r in fsdp.values():
     assert r["mesh"] == "fsdp=4" and r["hbm_gib"] == 16
     assert 0 < r["argument_gib"] and 0 < r["total_gib"] < r["hbm_gib"]
-    assert r["tflops"] > 0
+    assert r["tflops"] > 0 and r["model_tflops"] > 0
   assert fsdp["sampler"]["rows"] == 16  # 2 prompts rounded up to 4 shards, x 4 samples
   # Both steps run one forward and one backward pass over the same rows.
   assert 0.5 < fsdp["la-grpo"]["tflops"] / fsdp["sft"]["tflops"] < 2.0
