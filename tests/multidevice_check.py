@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -58,19 +59,34 @@ def batch():
 
 
 FUNCTIONAL = (7, 9)
+STOP_IDS = (3,)
 RL = ml_collections.ConfigDict(dict(
     temperature=1.0, clip_low=0.2, clip_high=0.28, loss_agg="token-mean", beta=0.0,
     kl_estimator="k3", tis_cap=0.0, alpha=0.1, anchor="pg"))
+# No warmup for the RL updates: with OPTIM's warmup_steps=1 the first update has lr 0, so
+# the second would see unchanged params and ratio == 1 everywhere (a loss that hardly
+# depends on the model). Here both updates move the params and the second step's loss,
+# ratios and clipping depend on the first update.
+RL_OPTIM = ml_collections.ConfigDict(dict(OPTIM.to_dict(), warmup_steps=0))
+
+
+_RL_BATCH = []
 
 
 def rl_batch(params):
-  """8 rollouts: the image prompt of `batch()` (16 tokens) + 16 completion tokens, with
-  functional ids in the completions; old/sampler log-probs from one-device params."""
+  """8 rollouts: the 32-token image prompts of `batch()` + 16 completion positions (8 + i
+  generated tokens in row i, right-padded), one functional id in each completion;
+  old/sampler log-probs from `params`. Computed on the first call (the one-device run,
+  its initial params) and reused: every mesh gets the same host arrays."""
+  if _RL_BATCH:
+    return _RL_BATCH[0]
+  params = jax.device_get(params)
   b = batch()
   rng = np.random.default_rng(1)
   r, t, n = 8, 32, 16
   ids = np.concatenate([b["input_ids"], rng.integers(10, 240, (r, n)).astype(np.int32)], 1)
-  ids[np.arange(r), t + rng.integers(0, n, r)] = np.array(FUNCTIONAL)[np.arange(r) % 2]
+  # Inside each row's completion (the first 8 + i positions), so every row has one.
+  ids[np.arange(r), t + rng.integers(0, 8, r)] = np.array(FUNCTIONAL)[np.arange(r) % 2]
   completion = np.zeros((r, t + n), np.int32)
   for i in range(r):
     completion[i, t:t + 8 + i] = 1
@@ -78,23 +94,29 @@ def rl_batch(params):
              completion_mask=completion, pixel_values=b["pixel_values"],
              image_grid_thw=b["image_grid_thw"],
              advantages=np.array([1.0, -1.0, 0.5, -0.5, 1.2, -0.8, 0.3, -0.7], np.float32))
-  logp, _ = token_logps(CONFIG, params, out, chunk=16)
+  logp, _ = jax.jit(functools.partial(token_logps, CONFIG, chunk=16))(params, out)
   out["old_logp"] = out["sampler_logp"] = np.asarray(logp)
+  _RL_BATCH.append(out)
   return out
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
 
 
 def run(mesh_shape):
   devices = jax.devices()[:1] if mesh_shape is None else jax.devices()
   mesh = sharding.make_mesh(mesh_shape or dict(data=1, fsdp=1, tensor=1), devices=devices)
   param_sh = sharding.param_shardings(mesh, CONFIG)
-  params = jax.jit(lambda: init_params(CONFIG, jax.random.key(0)), out_shardings=param_sh)()
+  init = jax.jit(lambda: init_params(CONFIG, jax.random.key(0)), out_shardings=param_sh)
+  params = init()
   optimizer = optimizer_lib.make_optimizer(OPTIM)
   create = functools.partial(TrainState.create, optimizer=optimizer, seed=0)
   state_sh = sharding.state_shardings(mesh, jax.eval_shape(create, params), param_sh)
   state = jax.jit(create, out_shardings=state_sh)(params)
   host = batch()
   dev = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
-  out = {}
+  out, seconds, start = {}, {}, time.perf_counter()
   with sharding.with_rules(mesh):
     logits = jax.jit(forward, static_argnums=0)(
         CONFIG, state.params, dev["input_ids"], dev["attention_mask"], dev["pixel_values"],
@@ -106,31 +128,44 @@ def run(mesh_shape):
     for _ in range(2):
       state, metrics = step(state, dev)
   out["loss"] = np.asarray(metrics["loss"])
+  out["params"] = flat(state.params)
+  q = state.params["decoder"]["layers"]["q"]["kernel"]
+  out["q_shard_shape"] = list(q.addressable_shards[0].data.shape)
+  seconds["forward+sft"] = time.perf_counter() - start
 
-  # LA-GRPO: two updates from fresh state on the same rollouts (re-initialised params:
-  # the SFT steps donated the buffers `params` may share).
-  params = jax.jit(lambda: init_params(CONFIG, jax.random.key(0)), out_shardings=param_sh)()
-  state = jax.jit(create, out_shardings=state_sh)(
-      jax.tree.map(jnp.copy, params))
-  rl_host = rl_batch(jax.device_get(params))
+  # LA-GRPO: two updates from a fresh state on the same host rollouts (re-initialised
+  # params: the SFT steps donated the buffers `params` may share).
+  start = time.perf_counter()
+  params = init()
+  initial = flat(params)
+  rl_optimizer = optimizer_lib.make_optimizer(RL_OPTIM)
+  rl_create = functools.partial(TrainState.create, optimizer=rl_optimizer, seed=0)
+  rl_state_sh = sharding.state_shardings(mesh, jax.eval_shape(rl_create, params), param_sh)
+  state = jax.jit(rl_create, out_shardings=rl_state_sh)(jax.tree.map(jnp.copy, params))
   rl_dev = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
-            for k, v in rl_host.items()}
+            for k, v in rl_batch(params).items()}
   with sharding.with_rules(mesh):
-    update = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=optimizer, rl=RL,
+    update = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=rl_optimizer, rl=RL,
                                        functional_ids=jnp.array(FUNCTIONAL), chunk=16),
-                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+                     out_shardings=(rl_state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    rl_metrics = []
     for _ in range(2):
-      state, rl_metrics = update(state, rl_dev)
-  out["rl_loss"] = np.asarray(rl_metrics["loss"])
-  out["rl_anchor"] = np.asarray(rl_metrics["anchor_loss"])
-  out["rl_params"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(
-      state.params))])
+      state, m = update(state, rl_dev)
+      rl_metrics.append(jax.device_get(m))
+  # Per step: loss, gradient norm (a fingerprint of the whole gradient), and the terms.
+  for key in ("loss", "grad_norm", "pg_loss", "anchor_loss", "ratio_mean", "skipped_step",
+              "functional_positions"):
+    out["rl_" + key] = np.array([float(m[key]) for m in rl_metrics])
+  out["rl_params"] = flat(state.params)
+  out["rl_params_moved"] = np.abs(out["rl_params"] - initial)
+  seconds["la-grpo"] = time.perf_counter() - start
 
   # Greedy sampling with the KV cache, prompts = the image prompts of `batch()`.
   allowed = np.ones(CONFIG.text.vocab_size, bool)
   allowed[CONFIG.image_token_id] = False
-  sampler = Sampler(CONFIG, SamplerSettings(max_new_tokens=8, greedy=True, stop_ids=(3,)),
-                    allowed)
+  start = time.perf_counter()
+  sampler = Sampler(CONFIG, SamplerSettings(max_new_tokens=8, greedy=True,
+                                            stop_ids=STOP_IDS), allowed)
   prompts = {k: dev[k] for k in ("input_ids", "attention_mask", "pixel_values",
                                  "image_grid_thw")}
   with sharding.with_rules(mesh, sharding.SAMPLING_RULES):
@@ -138,10 +173,8 @@ def run(mesh_shape):
   out["sample_tokens"] = np.asarray(sampled["tokens"])
   out["sample_logps"] = np.asarray(sampled["logps"])
   out["sample_mask"] = np.asarray(sampled["mask"])
-  out["params"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(
-      state.params))])
-  q = state.params["decoder"]["layers"]["q"]["kernel"]
-  out["q_shard_shape"] = list(q.addressable_shards[0].data.shape)
+  seconds["sampling"] = time.perf_counter() - start
+  out["seconds"] = seconds
   return out
 
 
@@ -150,15 +183,27 @@ def main():
   ref = results["1"]
   report = {}
   for name, r in results.items():
+    # Max abs difference against one device (RL metrics: over both updates).
     report[name] = {k: float(np.max(np.abs(r[k] - ref[k])))
-                    for k in ("logits", "loss", "params", "rl_loss", "rl_params",
-                              "sample_logps")}
+                    for k in ("logits", "loss", "params", "rl_loss", "rl_grad_norm",
+                              "rl_pg_loss", "rl_anchor_loss", "rl_params", "sample_logps")}
     report[name]["sample_token_mismatches"] = int((r["sample_tokens"] != ref["sample_tokens"]).sum())
-    report[name]["sampled_tokens"] = int(r["sample_mask"].sum())
-    report[name]["rl_loss_value"] = float(r["rl_loss"])
-    report[name]["rl_anchor_value"] = float(r["rl_anchor"])
-    report[name]["q_shard_shape"] = r["q_shard_shape"]
-    report[name]["loss_value"] = float(r["loss"])
+    report[name]["sample_mask_mismatches"] = int((r["sample_mask"] != ref["sample_mask"]).sum())
+    # Values of this mesh's run, for the sanity checks (is anything being compared at all).
+    tokens, mask = r["sample_tokens"], r["sample_mask"].astype(bool)
+    report[name].update(
+        loss_value=float(r["loss"]), q_shard_shape=r["q_shard_shape"],
+        rl_loss_value=r["rl_loss"].tolist(), rl_anchor_value=r["rl_anchor_loss"].tolist(),
+        rl_grad_norm_value=r["rl_grad_norm"].tolist(),
+        rl_ratio_mean_value=r["rl_ratio_mean"].tolist(),
+        rl_skipped_steps=float(r["rl_skipped_step"].sum()),
+        rl_functional_positions=float(r["rl_functional_positions"][0]),
+        rl_params_moved=float(r["rl_params_moved"].max()),
+        rl_params_moved_median=float(np.median(r["rl_params_moved"])),
+        sampled_tokens=int(mask.sum()),
+        sampled_non_stop_tokens=int((mask & ~np.isin(tokens, STOP_IDS)).sum()),
+        sampled_distinct_tokens=int(len(np.unique(tokens[mask]))),
+        seconds={k: round(v, 1) for k, v in r["seconds"].items()})
   json.dump(report, sys.stdout)
 
 
