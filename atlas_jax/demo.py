@@ -26,6 +26,7 @@ def stage_config(c, recipe: str, workdir: str):
     s.train.steps = stage.steps
     s.optim.lr = stage.lr
     s.optim.warmup_steps = stage.warmup_steps
+    s.optim.freeze_vision = stage.freeze_vision
     s.train.log_every = stage.log_every
     s.checkpoint.every = stage.steps
     if recipe == "rl":

