@@ -73,14 +73,18 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
         }
 
 
-def build_dataset(*, splits: dict[str, str], data_dir: str) -> dict:
-  """Builds the dataset once (later calls reuse it). Returns a report dict:
-  {"data_dir": <versioned dataset dir>, "counts": {split: n}, "skipped": {split: {reason: n}}}.
+def build_dataset(*, splits: dict[str, str], data_dir: str, build: bool = True) -> dict:
+  """Builds the dataset once (later calls reuse it; with `build=False` one must exist).
+  Returns a report dict: {"data_dir": <versioned dataset dir>, "counts": {split: n},
+  "skipped": {split: {reason: n}}}.
   """
   tfds.disable_progress_bar()
   builder = AtlasTrajectories(splits=splits, data_dir=data_dir)
   skipped_path = os.path.join(builder.data_dir, SKIPPED_FILE)
   if not os.path.isfile(skipped_path):
+    if not build:
+      raise FileNotFoundError(f"no dataset at {builder.data_dir}: process 0 builds it, so the "
+                              "data directory must be storage every process sees")
     builder.download_and_prepare(
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(verify_ssl=False))

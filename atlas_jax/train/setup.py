@@ -10,6 +10,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from atlas_jax import functional_tokens, hf, sharding
 from atlas_jax.model import SIZES, ModelConfig, from_size, init_params
@@ -88,6 +89,18 @@ def maybe_initialize_distributed(c) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def process_0_first(name: str, build, read):
+  """`build()` on process 0 while the others wait at a barrier, then `read()` on the others:
+  files a run makes once (tokenizer, dataset) are written by one process into the shared
+  workdir, never by several at once. Every process must call it (it holds a barrier), so
+  whether there is anything to build is `build`'s decision. One process: just `build()`."""
+  if jax.process_count() == 1:
+    return build()
+  out = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"atlas_jax:{name}")
+  return out if jax.process_index() == 0 else read()
+
+
 def make_mesh(c):
   mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -106,9 +119,15 @@ def load_tokenizer(c, workdir: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
   from atlas_jax.data.tokenizer import build_tokenizer
   out = os.path.join(workdir, "base_tokenizer")
-  if os.path.isfile(os.path.join(out, "tokenizer.json")):
+  saved = os.path.join(out, "tokenizer.json")
+
+  def read():
+    if not os.path.isfile(saved):
+      raise FileNotFoundError(f"no tokenizer at {out}: process 0 builds it, so the workdir "
+                              "must be storage every process sees")
     return AutoTokenizer.from_pretrained(out, local_files_only=True)
-  return build_tokenizer(out)
+  return process_0_first("base_tokenizer",
+                         lambda: read() if os.path.isfile(saved) else build_tokenizer(out), read)
 
 
 def load_model(c, tokenizer, mesh):
@@ -159,24 +178,30 @@ def _load_checkpoint_model(c, tokenizer, mesh, runtime):
 
 def prepare_data(c, workdir: str):
   """Builds (once) the TFDS dataset from the configured JSONL, or from a generated synthetic
-  suite. Returns (data_dir of the TFDS dataset, build report dict)."""
+  suite. Returns the build report dict (`tfds_builder.build_dataset`). In multi-host runs
+  process 0 builds it and the others read it."""
   from atlas_jax.data import synthetic, tfds_builder
   root = c.data.dataset_dir or os.path.join(workdir, "data")
-  splits = {}
-  if c.data.train_jsonl:
-    splits["train"] = c.data.train_jsonl
-    if c.data.test_jsonl:
-      splits["test"] = c.data.test_jsonl
-  else:
-    raw = os.path.join(root, "synthetic")
-    splits["train"] = synthetic.generate_suite(
-        raw, n_per_family=c.data.synthetic_per_family, seed=c.data.synthetic_seed,
-        split="train")
-    splits["test"] = synthetic.generate_suite(
-        raw, n_per_family=c.data.synthetic_test_per_family, seed=c.data.synthetic_seed + 1,
-        split="test")
-  report = tfds_builder.build_dataset(splits=splits, data_dir=os.path.join(root, "tfds"))
-  return report
+  data_dir = os.path.join(root, "tfds")
+
+  def build():
+    splits = {}
+    if c.data.train_jsonl:
+      splits["train"] = c.data.train_jsonl
+      if c.data.test_jsonl:
+        splits["test"] = c.data.test_jsonl
+    else:
+      raw = os.path.join(root, "synthetic")
+      splits["train"] = synthetic.generate_suite(
+          raw, n_per_family=c.data.synthetic_per_family, seed=c.data.synthetic_seed,
+          split="train")
+      splits["test"] = synthetic.generate_suite(
+          raw, n_per_family=c.data.synthetic_test_per_family, seed=c.data.synthetic_seed + 1,
+          split="test")
+    return tfds_builder.build_dataset(splits=splits, data_dir=data_dir)
+  return process_0_first("prepare_data", build,
+                         lambda: tfds_builder.build_dataset(splits={}, data_dir=data_dir,
+                                                            build=False))
 
 
 def host_batch_to_device(batch: dict, mesh) -> dict:
