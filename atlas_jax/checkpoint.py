@@ -2,18 +2,23 @@
 
 Each step directory has three items: `state` (the TrainState pytree: params, optimizer
 state, step, RNG, skip count; sharded arrays are written cooperatively by every process
-and restored straight into the shardings asked for), `data` (the data iterator's state)
-and `extra` (JSON: the functional-token table, the model config, the run config).
+and restored straight into the shardings asked for), `data` (the data iterator's state;
+one per process in multi-host runs, where each process reads its own shard) and `extra`
+(JSON: the functional-token table, the model config, the run config).
 Saves are asynchronous by default; the last `keep` checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 
 def _manager(directory: str, *, save_every: int = 1, keep: int | None = None,
@@ -33,7 +38,25 @@ def _encode_data_state(data_state) -> dict:
   return {"kind": "json", "value": data_state}
 
 
+def _gather_data_states(encoded: dict) -> dict:
+  """Every process's encoded iterator state, in process order (a collective: every process
+  calls it). orbax writes JSON items from process 0 only, so the states travel there."""
+  blob = np.frombuffer(json.dumps(encoded).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return {"kind": "per_process",
+          "value": [json.loads(b[:n].tobytes()) for b, n in zip(blobs, sizes)]}
+
+
 def _decode_data_state(d: dict):
+  if d["kind"] == "per_process":
+    states, count = d["value"], jax.process_count()
+    if len(states) != count:
+      logging.warning("checkpoint holds data iterator states of %d processes, this run has "
+                      "%d: every process resumes from process 0's state", len(states), count)
+    d = states[jax.process_index() if len(states) == count else 0]
   if d["kind"] == "bytes":
     return base64.b64decode(d["value"])
   return d.get("value")
@@ -72,8 +95,11 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       return False
+    data = _encode_data_state(data_state)
+    if jax.process_count() > 1:
+      data = _gather_data_states(data)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(_encode_data_state(data_state)),
+                              data=ocp.args.JsonSave(data),
                               extra=ocp.args.JsonSave(extra or {}))
     return self._manager.save(step, args=args, force=True)
 
@@ -132,7 +158,7 @@ def restore_params_only(directory: str, step: int | None, abstract_params):
   manager = _reader(directory)
   try:
     step = _resolve_step(manager, directory, step)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {"params": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or device),
