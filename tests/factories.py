@@ -141,3 +141,11 @@ def tiny_model_config():
       text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
       image_token_id=250)
+
+
+def override(c, changes: dict):
+  """Sets "group.field" keys of an ml_collections config (test configs' keyword changes)."""
+  for key, value in changes.items():
+    group, field = key.split(".")
+    c[group][field] = value
+  return c

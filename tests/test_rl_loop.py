@@ -10,6 +10,7 @@ import pytest
 
 from atlas_jax.rl.loop import train_rl
 from configs import rl as rl_config
+from tests import factories
 
 
 def _config(tmp, **changes):
@@ -31,10 +32,7 @@ def _config(tmp, **changes):
   c.optim.lr = 2e-2
   c.optim.warmup_steps = 1
   c.checkpoint.async_save = False
-  for key, value in changes.items():
-    group, field = key.split(".")
-    c[group][field] = value
-  return c
+  return factories.override(c, changes)
 
 
 def _rewards(workdir):

@@ -10,6 +10,7 @@ import pytest
 from atlas_jax.data import synthetic
 from atlas_jax.train.loop import train_sft
 from configs import sft as sft_config
+from tests import factories
 
 
 def _config(tmp, **changes):
@@ -24,10 +25,7 @@ def _config(tmp, **changes):
   c.checkpoint.every = 2
   c.checkpoint.async_save = False
   c.data.dataset_dir = os.path.join(tmp, "shared_data")
-  for key, value in changes.items():
-    group, field = key.split(".")
-    c[group][field] = value
-  return c
+  return factories.override(c, changes)
 
 
 def _metrics(workdir):

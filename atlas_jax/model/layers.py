@@ -119,9 +119,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array | None, chunk: int = 0) 
     return _attend(q, k, v, mask)
   n = t // chunk
   blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
-  body = jax.checkpoint(lambda qm: _attend(qm[0], k, v, qm[1]))
-  if mask is None:
-    body = jax.checkpoint(lambda qm: _attend(qm[0], k, v, None))
+  body = jax.checkpoint(lambda qm: _attend(qm[0], k, v, qm[1]))  # qm[1] None: no mask
   out = jax.lax.map(body, (blocks(q), None if mask is None else blocks(mask)))
   return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
