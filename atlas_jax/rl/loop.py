@@ -125,8 +125,7 @@ def train_rl(c, workdir: str):
 
   last: dict = {}
   start_step = int(state.step)
-  end = c.train.steps if c.train.stop_after < 0 else min(c.train.steps,
-                                                         start_step + c.train.stop_after)
+  end = sft_loop.stop_step(c, start_step)
   for step in range(start_step // rl.inner_updates, end // rl.inner_updates):
     t0 = time.perf_counter()
     prompts_host = next(iterator)

@@ -36,6 +36,13 @@ def resolve_optim(c):
   return optim
 
 
+def stop_step(c, start_step: int) -> int:
+  """The step this job stops at: train.steps, or sooner by train.stop_after (resumable)."""
+  if c.train.stop_after < 0:
+    return c.train.steps
+  return min(c.train.steps, start_step + c.train.stop_after)
+
+
 def data_options(c, tokenizer, *, shuffle=True, seed=None):
   return dict(tokenizer=tokenizer, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels,
               max_length=c.data.max_length, length_buckets=tuple(c.data.length_buckets),
@@ -151,8 +158,7 @@ def train_sft(c, workdir: str, on_start=None):
   t0 = time.perf_counter()
   with sharding.with_rules(run.mesh, sharding.RULES):
     start_step = int(state.step)
-    end = c.train.steps if c.train.stop_after < 0 else min(c.train.steps,
-                                                            start_step + c.train.stop_after)
+    end = stop_step(c, start_step)
     for step in range(start_step, end):
       batch = next(iterator)
       tokens += int(batch["attention_mask"].sum())
