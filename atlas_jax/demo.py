@@ -17,6 +17,10 @@ from atlas_jax.rl import loop as rl_loop
 from atlas_jax.train import loop as sft_loop
 
 
+class DidNotLearn(RuntimeError):
+  """The demo's SFT stage ended below the accuracy bar of configs/demo.py."""
+
+
 def stage_config(c, recipe: str, workdir: str):
   """The demo config turned into one stage's config."""
   s = c.copy_and_resolve_references()
@@ -68,6 +72,12 @@ def run_demo(c, workdir: str) -> dict:
   sft_state, sft_metrics, sft_run = sft_loop.train_sft(sft_c, os.path.join(workdir, "sft"),
                                                        on_start=before)
   rows["after SFT"] = _evaluate(sft_run, sft_state.params, c)
+  accuracy, bar = rows["after SFT"]["accuracy"], c.demo.min_sft_accuracy
+  if not accuracy >= bar:
+    print("\n" + summary_table(rows, {}, time.time() - t0), flush=True)
+    raise DidNotLearn(f"demo failed: held-out accuracy after SFT is {accuracy:.3f}, below "
+                      f"demo.min_sft_accuracy {bar:.2f} (2x chance with four options); SFT did "
+                      "not learn the suite")
   rl_c = stage_config(c, "rl", workdir)
   rl_state, rl_metrics, rl_run = rl_loop.train_rl(rl_c, os.path.join(workdir, "rl"))
   rows["after LA-GRPO"] = _evaluate(rl_run, rl_state.params, c)

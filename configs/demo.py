@@ -39,4 +39,7 @@ def get_config():
   # lr 2e-4 with 4 prompts: 0.58 / 0.98.
   c.demo.rl = ml_collections.ConfigDict(dict(steps=30, lr=2e-5, warmup_steps=2, log_every=5,
                                              freeze_vision=True))
+  # The demo fails (non-zero exit) when held-out accuracy after SFT is below this: 2x chance
+  # with the suite's four options. Measured here: 0.64-0.65.
+  c.demo.min_sft_accuracy = 0.5
   return c

@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
-# Runs the test suite on a fresh machine: creates .venv, installs atlas_jax with its test
-# extras (CPU torch for parity checks), then runs pytest on the CPU.
-# Usage: bash launch/test.sh [pytest args]
+# Runs the test suite on a fresh machine: installs atlas_jax with its test extras (CPU torch
+# for parity checks, libtpu for AOT compiles) into ./.venv once, then runs pytest on the CPU.
+# Usage: bash launch/test.sh [pytest args]      fast tier: bash launch/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+source launch/venv.sh
+ensure_venv test
 export JAX_PLATFORMS=cpu
 set +e
-.venv/bin/python -m pytest "${@:-tests}"
+"$VENV/bin/python" -m pytest "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

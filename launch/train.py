@@ -8,6 +8,8 @@ Overrides are checked against the config (a typo in a field name stops the launc
 the workdir resumes by itself from its latest checkpoint.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,8 +32,11 @@ def main(argv):
     from atlas_jax.rl.loop import train_rl
     train_rl(c, FLAGS.workdir)
   elif c.recipe == "demo":
-    from atlas_jax.demo import run_demo
-    run_demo(c, FLAGS.workdir)
+    from atlas_jax.demo import DidNotLearn, run_demo
+    try:
+      run_demo(c, FLAGS.workdir)
+    except DidNotLearn as e:
+      sys.exit(str(e))  # one line on stderr, exit status 1
   else:
     raise app.UsageError(f"config.recipe {c.recipe!r} is not 'sft', 'rl' or 'demo'")
 
