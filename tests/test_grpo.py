@@ -10,50 +10,78 @@ import pytest
 from atlas_jax.rl import grpo
 
 
-def test_group_advantages_with_and_without_std():
+def test_group_advantages_sample_std_by_default_population_by_name():
+  """Sample std (ddof 1) as verl's compute_grpo_outcome_advantage, TRL, OpenRLHF, EasyR1."""
   r = np.array([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.1, 0.1, 0.1, 0.1], np.float32)
   got = np.asarray(grpo.group_advantages(r, 4))
-  # group 0: mean 0.5, population std 0.5 -> +-0.5 / (0.5 + 1e-6)
-  np.testing.assert_allclose(got[:4], np.array([1, -1, -1, 1]) * 0.5 / (0.5 + 1e-6), rtol=1e-6)
+  # group 0: mean 0.5, sample std sqrt(4 * 0.25 / 3) = sqrt(1/3)
+  sample = np.sqrt(1 / 3)
+  np.testing.assert_allclose(got[:4], np.array([1, -1, -1, 1]) * 0.5 / (sample + 1e-6),
+                             rtol=1e-6)
+  population = np.asarray(grpo.group_advantages(r, 4, std="population"))
+  np.testing.assert_allclose(population[:4], np.array([1, -1, -1, 1]) * 0.5 / (0.5 + 1e-6),
+                             rtol=1e-6)
+  # the two differ by sqrt(G / (G - 1))
+  np.testing.assert_allclose(population[:4] / got[:4], np.sqrt(4 / 3), rtol=1e-5)
   # all-equal groups give exactly 0, also 0.1 whose float mean is off by an ulp
   np.testing.assert_array_equal(got[4:], 0.0)
-  no_std = np.asarray(grpo.group_advantages(r, 4, scale_by_std=False))
+  np.testing.assert_array_equal(population[4:], 0.0)
+  no_std = np.asarray(grpo.group_advantages(r, 4, scale_by_std=False))  # Dr. GRPO
   np.testing.assert_allclose(no_std[:4], [0.5, -0.5, -0.5, 0.5])
   np.testing.assert_array_equal(no_std[4:], 0.0)
   # 0.1 in a group of 3: sum/3 rounds away from 0.1 and the std would blow that up.
   np.testing.assert_array_equal(grpo.group_advantages(np.full(3, 0.1, np.float32), 3), 0.0)
+  # G = 3, rewards 0, 1, 2: mean 1, sample std 1 -> -1, 0, 1
+  np.testing.assert_allclose(grpo.group_advantages(np.array([0.0, 1.0, 2.0]), 3),
+                             np.array([-1.0, 0.0, 1.0]) / (1 + 1e-6), rtol=1e-6)
   with pytest.raises(ValueError, match="do not split into groups of 5"):
     grpo.group_advantages(r, 5)
+  with pytest.raises(ValueError, match="advantage std 'biased'"):
+    grpo.group_advantages(r, 4, std="biased")
 
 
 def test_kl_estimators():
+  """k1 and k3 as verl's kl_penalty "k1" / "low_var_kl" (k3 also TRL's, unclamped)."""
   logp, ref = np.array([[-1.0, -2.0, -0.5]]), np.array([[-1.5, -1.0, -0.5]])
   np.testing.assert_allclose(grpo.kl_penalty(logp, ref, "k1"), [[0.5, -1.0, 0.0]])
   k3 = np.asarray(grpo.kl_penalty(logp, ref, "k3"))
   # d = ref - logp = -0.5, 1, 0
   np.testing.assert_allclose(k3, [[np.exp(-0.5) + 0.5 - 1, np.e - 2, 0.0]], rtol=1e-6)
   assert k3.dtype == np.float32
+  # verl's clamps: d = 3 gives e^3 - 4 = 16.1 -> 10; d = -30 -> d = -20: e^-20 + 19
+  far = np.asarray(grpo.kl_penalty(np.array([[0.0, 0.0]]), np.array([[3.0, -30.0]]), "k3"))
+  np.testing.assert_allclose(far, [[10.0, 10.0]])
+  near = np.asarray(grpo.kl_penalty(np.array([[0.0]]), np.array([[2.0]]), "k3"))
+  np.testing.assert_allclose(near, [[np.exp(2.0) - 3]], rtol=1e-6)  # under the cap
   with pytest.raises(ValueError, match="kl_estimator 'k2'"):
     grpo.kl_penalty(logp, ref, "k2")
 
 
 def test_aggregations_including_an_empty_sequence():
+  """Each mode against verl's agg_loss (and TRL's dr_grpo) computed by hand."""
   x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, np.nan], [7.0, 8.0, np.inf]], np.float32)
   m = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]], np.float32)  # row 2 fully masked
-  assert float(grpo.aggregate(x, m, "token-mean")) == pytest.approx((1 + 2 + 4) / 3)
-  assert float(grpo.aggregate(x, m, "seq-mean-token-mean")) == pytest.approx((1.5 + 4) / 2)
-  assert float(grpo.aggregate(x, m, "seq-mean-token-sum-norm")) == pytest.approx(
-      (3 / 3 + 4 / 3 + 0) / 3)
-  assert float(grpo.aggregate(x, m, "seq-mean-token-sum-norm", max_length=10)) == (
-      pytest.approx((0.3 + 0.4 + 0) / 3))
+  # token sums 3, 4, 0 over 3 tokens; rows with tokens: 2; B = 3, T = 3
+  agg = lambda mode, **kw: float(grpo.aggregate(x, m, mode, **kw))
+  assert agg("token-mean") == pytest.approx((1 + 2 + 4) / 3)
+  assert agg("seq-mean-token-mean") == pytest.approx((1.5 + 4) / 2)
+  assert agg("seq-mean-token-sum") == pytest.approx((3 + 4) / 2)  # verl: empty rows out
+  assert agg("seq-mean-token-sum-norm") == pytest.approx((3 + 4) / 3)  # verl: sum / T
+  assert agg("seq-mean-token-sum-norm", max_length=10) == pytest.approx(0.7)
+  assert agg("dr_grpo") == pytest.approx((3 + 4) / (3 * 3))  # TRL: sum / (B * T)
+  assert agg("dr_grpo", max_length=10) == pytest.approx((3 + 4) / 30)
+  # verl's name and TRL's differ by exactly B
+  assert agg("seq-mean-token-sum-norm") == pytest.approx(3 * agg("dr_grpo"))
   for mode in grpo.AGGREGATIONS:
     assert float(grpo.aggregate(x, np.zeros_like(m), mode)) == 0.0
   with pytest.raises(ValueError, match="loss aggregation 'sum'"):
     grpo.aggregate(x, m, "sum")
 
 
-def _surrogate(ratio, adv, lo=0.2, hi=0.28):
-  return -np.minimum(ratio * adv, np.clip(ratio, 1 - lo, 1 + hi) * adv)
+def _surrogate(ratio, adv, lo=0.2, hi=0.28, c=3.0):
+  """verl's compute_policy_loss_vanilla per token: clipped, then dual-clipped for A < 0."""
+  loss = -np.minimum(ratio * adv, np.clip(ratio, 1 - lo, 1 + hi) * adv)
+  return np.where(adv < 0, np.minimum(loss, -adv * c), loss) if c else loss
 
 
 def test_clipping_on_both_sides_and_both_signs():
@@ -243,3 +271,130 @@ def test_bad_arguments_are_named():
     grpo.grpo_loss(logp, old, adv[:3], mask)
   with pytest.raises(ValueError, match="functional_mask has shape"):
     call(functional_mask=fmask[:, :10], alpha=1.0)
+
+
+def test_dual_clip_caps_negative_advantage_losses():
+  """verl's dual-clip (clip_ratio_c = 3): for A < 0 the token loss is at most -A * c, and
+  there its gradient is 0; clip_ratio_c = 0 is the plain clipped surrogate."""
+  ratio = np.array([[5.0, 2.0, 0.5], [5.0, 2.0, 0.5]], np.float32)
+  logp, old = np.log(ratio), np.zeros((2, 3), np.float32)
+  adv, mask = np.array([-1.0, 1.0], np.float32), np.ones((2, 3), np.float32)
+  f = lambda lp, c: grpo.grpo_loss(lp, old, adv, mask, clip_ratio_c=c)
+  (loss, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), 3.0)
+  # A = -1: max(r, clip(r)) = 5 -> capped at 3, 2, 0.8 (clipped low);
+  # A = +1: -min(r, clip(r)) = -1.28, -1.28, -0.5
+  want = np.array([[3.0, 2.0, 0.8], [-1.28, -1.28, -0.5]])
+  assert float(loss) == pytest.approx(want.mean(), rel=1e-6)
+  np.testing.assert_allclose(want, _surrogate(ratio, adv[:, None]), rtol=1e-6)
+  assert float(m["dual_clip_fraction"]) == pytest.approx(1 / 6)
+  # only [0, 1] (A = -1, r = 2 unclipped) and [1, 2] (A = 1, r = 0.5) carry gradient
+  want_grad = np.zeros((2, 3))
+  want_grad[0, 1], want_grad[1, 2] = 2.0 / 6, -0.5 / 6
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-6, atol=1e-8)
+  off, m_off = f(jnp.asarray(logp), 0.0)
+  assert float(off) == pytest.approx((want.sum() + 2.0) / 6, rel=1e-6)  # 5 instead of 3
+  assert float(m_off["dual_clip_fraction"]) == 0.0
+  with pytest.raises(ValueError, match="clip_ratio_c 1.0 must be > 1"):
+    f(logp, 1.0)
+
+
+def test_log_ratio_is_clamped_before_exp():
+  """verl clamps log(pi / pi_old) to [-20, 20]: a token 100 nats more likely costs
+  e^20 * |A| instead of inf, and its clipped gradient stays 0 instead of nan."""
+  logp = np.array([[100.0, 0.0]], np.float32)
+  old, mask = np.zeros((1, 2), np.float32), np.ones((1, 2), np.float32)
+  neg = lambda clamp: grpo.grpo_loss(logp, old, np.array([-1.0], np.float32), mask,
+                                     clip_ratio_c=0.0, log_ratio_clamp=clamp)[0]
+  assert float(neg(20.0)) == pytest.approx((np.exp(20.0) + 1.0) / 2, rel=1e-5)
+  assert float(neg(0.0)) == np.inf  # without the clamp
+  pos = lambda lp, clamp: grpo.grpo_loss(lp, old, np.array([1.0], np.float32), mask,
+                                         log_ratio_clamp=clamp)[0]
+  grad = np.asarray(jax.grad(pos)(jnp.asarray(logp), 20.0))
+  np.testing.assert_allclose(grad, [[0.0, -0.5]])  # clipped high: no gradient
+  assert np.isnan(np.asarray(jax.grad(pos)(jnp.asarray(logp), 0.0))[0, 0])
+
+
+def _gspo_case():
+  """Row 0: token log-ratios 0.1, -0.05, 0.25 (mean 0.1); row 1: 0.3, 0.5, pad (mean
+  0.4, s = e^0.4 = 1.49 > 1.28: clipped)."""
+  old = np.array([[-1.0, -2.0, -0.5], [-0.7, -1.1, -0.2]], np.float32)
+  logp = old + np.array([[0.1, -0.05, 0.25], [0.3, 0.5, 7.0]], np.float32)
+  mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+  return logp, old, np.array([1.0, 2.0], np.float32), mask
+
+
+def test_gspo_sequence_ratio_value_and_gradient():
+  """GSPO as verl's "gspo" loss: every token of row i has the ratio s_i = exp(mean log-
+  ratio), clipped on s_i, and its own gradient -A_i s_i d logp_t (no dual-clip)."""
+  logp, old, adv, mask = _gspo_case()
+  s0 = np.exp(0.1)
+  f = lambda lp, level, agg="token-mean": grpo.grpo_loss(
+      lp, old, adv, mask, importance_level=level, loss_agg=agg)
+  (loss, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), "sequence")
+  want = (3 * -1.0 * s0 + 2 * -2.0 * 1.28) / 5
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(m["ratio_mean"]) == pytest.approx((3 * s0 + 2 * np.exp(0.4)) / 5, rel=1e-5)
+  assert float(m["clip_high_fraction"]) == pytest.approx(2 / 5)
+  want_grad = np.array([[-s0 / 5] * 3, [0.0, 0.0, 0.0]])  # row 1 clipped
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
+  # verl's recommended seq-mean-token-mean: (-s0 + -2.56) / 2
+  seq = float(f(logp, "sequence", "seq-mean-token-mean")[0])
+  assert seq == pytest.approx((-s0 - 2.56) / 2, rel=1e-5)
+  # token level differs: row 0's tokens have their own ratios (e^0.25 > 1.28 is clipped)
+  token = float(f(logp, "token")[0])
+  want_token = (-(np.exp(0.1) + np.exp(-0.05) + 1.28) - 2 * 2 * 1.28) / 5
+  assert token == pytest.approx(want_token, rel=1e-5) and abs(token - want) > 1e-3
+
+  def trl(lp):  # TRL's importance_sampling_level="sequence": the ratio is exp(mean), whole
+    diff = jnp.where(mask > 0, lp - old, 0.0)
+    r = jnp.exp(jnp.sum(diff, 1, keepdims=True) / jnp.sum(mask, 1, keepdims=True))
+    r = jnp.broadcast_to(r, lp.shape)
+    per = jnp.maximum(-r * adv[:, None], -jnp.clip(r, 0.8, 1.28) * adv[:, None])
+    return jnp.sum(per * mask) / jnp.sum(mask)
+  np.testing.assert_allclose(np.asarray(jax.grad(trl)(jnp.asarray(logp))), np.asarray(grad),
+                             rtol=1e-5, atol=1e-7)
+  # no dual-clip at the sequence level: A < 0 with s = e^2 > 3 is not capped at -A * 3
+  big = old + np.float32(2.0)
+  neg = grpo.grpo_loss(big, old, -adv, mask, importance_level="sequence")
+  assert float(neg[0]) == pytest.approx((3 * np.exp(2.0) + 2 * 2 * np.exp(2.0)) / 5, rel=1e-5)
+  assert float(neg[1]["dual_clip_fraction"]) == 0.0
+  with pytest.raises(ValueError, match="importance_level 'group'"):
+    f(logp, "group")
+
+
+def test_anchor_with_gspo_and_dual_clip():
+  """LA-GRPO's pg anchor is the mean surrogate at M_func whatever the surrogate is."""
+  logp, old, adv, mask = _gspo_case()
+  fmask = np.zeros_like(mask)
+  fmask[0, 1] = fmask[1, 0] = 1
+  f = lambda lp, a: grpo.grpo_loss(lp, old, adv, mask, importance_level="sequence",
+                                   functional_mask=fmask, alpha=a)
+  (loss, m), g1 = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), 1.0)
+  s0 = np.exp(0.1)
+  assert float(m["anchor_loss"]) == pytest.approx((-s0 - 2.56) / 2, rel=1e-5)
+  assert float(loss) == pytest.approx(float(m["pg_loss"]) + float(m["anchor_loss"]), rel=1e-6)
+  extra = np.asarray(g1) - np.asarray(jax.grad(lambda lp: f(lp, 0.0)[0])(jnp.asarray(logp)))
+  want = np.zeros_like(extra)
+  want[0, 1] = -s0 / 2  # row 1 is clipped: its functional token gets nothing
+  np.testing.assert_allclose(extra, want, rtol=1e-5, atol=1e-7)
+  # dual-clip: the capped token's anchor term is -A * c = 3
+  ratio = np.array([[5.0, 0.5]], np.float32)
+  loss_d, m_d = grpo.grpo_loss(np.log(ratio), np.zeros((1, 2), np.float32),
+                               np.array([-1.0], np.float32), np.ones((1, 2), np.float32),
+                               functional_mask=np.ones((1, 2), np.float32), alpha=0.5)
+  assert float(m_d["anchor_loss"]) == pytest.approx((3.0 + 0.8) / 2, rel=1e-6)
+  # nll_pos is -log pi at positive-advantage functional positions at either level
+  _, m_nll = grpo.grpo_loss(logp, old, adv, mask, importance_level="sequence",
+                            functional_mask=fmask, alpha=1.0, anchor="nll_pos")
+  assert float(m_nll["anchor_loss"]) == pytest.approx(-(logp[0, 1] + logp[1, 0]) / 2,
+                                                      rel=1e-6)
+
+
+def test_dr_grpo_and_verl_norm_in_the_loss_use_max_length():
+  logp, old, adv, mask = _gspo_case()
+  surr = _surrogate(np.exp(logp - old), adv[:, None]) * mask
+  for mode, want in (("dr_grpo", surr.sum() / (2 * 8)),
+                     ("seq-mean-token-sum-norm", surr.sum() / 8),
+                     ("seq-mean-token-sum", surr.sum() / 2)):
+    loss = grpo.grpo_loss(logp, old, adv, mask, loss_agg=mode, max_length=8)[0]
+    assert float(loss) == pytest.approx(want, rel=1e-5), mode

@@ -277,3 +277,16 @@ def test_synthetic_trajectories_get_the_full_reward():
   total, parts = R.compute_rewards(texts, samples, CFG)
   np.testing.assert_allclose(total, 1.4, rtol=1e-6)
   np.testing.assert_array_equal(parts["functional"], 1.0)
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+  """verl's DAPO reward manager: 0 up to max - buffer, then -(len - (max - buffer)) /
+  buffer * factor, reaching -factor at max."""
+  lengths = [5, 12, 13, 16, 20, 25]
+  got = R.overlong_penalty(lengths, 20, 8, 0.5)
+  np.testing.assert_allclose(got, [0.0, 0.0, -0.5 / 8, -0.5 * 4 / 8, -0.5, -0.5])
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(R.overlong_penalty(lengths, 20, 0), 0.0)  # off
+  np.testing.assert_allclose(R.overlong_penalty([20], 20, 20), [-1.0])  # all buffer
+  with pytest.raises(ValueError, match="overlong buffer 30 exceeds the maximum length 20"):
+    R.overlong_penalty(lengths, 20, 30)

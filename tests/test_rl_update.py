@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, init_params
 from atlas_jax.rl.update import rl_loss, rl_step
@@ -22,9 +23,9 @@ FUNCTIONAL = np.array([240, 241, 242, 243, 244], np.int32)
 
 
 def _rl(alpha, **kw):
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(dict(dict(
       temperature=1.0, clip_low=0.2, clip_high=0.28, loss_agg="token-mean", beta=0.0,
-      kl_estimator="k3", tis_cap=0.0, alpha=alpha, anchor="pg", **kw))
+      kl_estimator="k3", tis_cap=0.0, alpha=alpha, anchor="pg"), **kw))
 
 
 def _rollouts(params):
@@ -96,3 +97,66 @@ def test_alpha_zero_update_equals_grpo_and_nan_is_skipped():
   assert float(m2["skipped_step"]) == 1 and int(s2.skipped) == 1
   for x, y in zip(jax.tree.leaves(s2.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _row_norms(grads, batch):
+  """Per-vocab-row gradient norms (embedding row and LM-head column), by hand."""
+  g_embed = np.asarray(grads["embed"]["embedding"])
+  g_head = np.asarray(grads["lm_head"]["kernel"])
+  row = np.sqrt((g_embed ** 2).sum(1) + (g_head ** 2).sum(0))
+  pred = np.concatenate([batch["completion_mask"][:, 1:],
+                         np.zeros_like(batch["completion_mask"][:, :1])], 1) > 0
+  targets = np.concatenate([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], 1)
+  present = np.unique(targets[pred])
+  func = np.intersect1d(present, FUNCTIONAL)
+  other = np.setdiff1d(present, FUNCTIONAL)
+  return row[func].mean(), row[other].mean()
+
+
+def test_dilution_diagnostic_is_logged_under_grpo_and_la_grpo():
+  """rl_step reports the functional rows' gradient norm against the other tokens' rows,
+  from its own gradient; the anchor raises the ratio."""
+  params = init_params(CONFIG, jax.random.key(0))
+  batch = _rollouts(params)
+  optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=0, total_steps=10, final_lr_fraction=1.0, weight_decay=0.0,
+      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze_vision=False))
+  tx = optimizer_lib.make_optimizer(optim)
+  ratios = {}
+  for alpha in (0.0, 0.1):
+    rl = _rl(alpha)
+    loss = functools.partial(rl_loss, CONFIG, batch=batch, rl=rl,
+                             functional_ids=jnp.asarray(FUNCTIONAL), chunk=64)
+    grads, _ = jax.jit(jax.grad(loss, has_aux=True))(params)
+    want_func, want_other = _row_norms(grads, batch)
+    step = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=tx, rl=rl,
+                                     functional_ids=jnp.asarray(FUNCTIONAL), chunk=64))
+    _, m = step(TrainState.create(params, tx, 0), batch)
+    assert float(m["functional_row_grad_norm"]) == pytest.approx(want_func, rel=1e-4)
+    assert float(m["other_row_grad_norm_mean"]) == pytest.approx(want_other, rel=1e-4)
+    assert float(m["dilution_ratio"]) == pytest.approx(want_func / want_other, rel=1e-4)
+    ratios[alpha] = float(m["dilution_ratio"])
+  print(f"\n[dilution] functional / other row gradient norm: GRPO {ratios[0.0]:.2f}, "
+        f"LA-GRPO(alpha=0.1) {ratios[0.1]:.2f}")
+  assert ratios[0.1] > 2 * ratios[0.0]
+
+
+def test_variant_fields_reach_the_loss():
+  """GSPO, dual-clip, the clamp and TRL's dr_grpo through rl_loss; an rl group without the
+  new fields means token-level ratios, c = 3 and the clamp at 20."""
+  params = init_params(CONFIG, jax.random.key(0))
+  batch = dict(_rollouts(params))
+  shift = np.where(np.arange(batch["old_logp"].shape[1]) % 2, 0.3, -0.2).astype(np.float32)
+  batch["old_logp"] = batch["old_logp"] + shift[None, :]  # ratios e^0.2, e^-0.3: some clipped
+  run = lambda rl: jax.jit(functools.partial(
+      rl_loss, CONFIG, rl=rl, functional_ids=jnp.asarray(FUNCTIONAL), chunk=64))(
+          params, batch=batch)
+  old_style = run(_rl(0.1))
+  explicit = run(_rl(0.1, clip_ratio_c=3.0, log_ratio_clamp=20.0, importance_level="token"))
+  assert float(old_style[0]) == float(explicit[0])
+  gspo = run(_rl(0.1, importance_level="sequence"))
+  assert np.isfinite(float(gspo[0])) and abs(float(gspo[0]) - float(old_style[0])) > 1e-6
+  assert float(gspo[1]["functional_positions"]) == 8
+  dr = run(_rl(0.0, loss_agg="dr_grpo", max_new_tokens=112))
+  norm = run(_rl(0.0, loss_agg="seq-mean-token-sum-norm", max_new_tokens=112))
+  assert float(norm[0]) == pytest.approx(8 * float(dr[0]), rel=1e-5)  # x B (8 rollouts)

@@ -1,5 +1,11 @@
 """GRPO and LA-GRPO losses on arrays (no model code): advantages, KL, aggregation, the
-clipped surrogate, truncated importance sampling and the functional-token anchor.
+clipped surrogate (dual-clip, token or sequence (GSPO) importance ratio), truncated
+importance sampling and the functional-token anchor.
+
+Names mean what the peers' names mean (each docstring names the peer): advantages divide
+by the sample std as verl, TRL, OpenRLHF and EasyR1 do; the aggregation modes are verl's
+`agg_loss` modes plus TRL's `dr_grpo`; the surrogate is verl's vanilla policy loss (dual-
+clip c = 3, log-ratio clamped at 20) or its `gspo` loss.
 
 Letters: B completions (prompts x G, each group consecutive), T positions (prediction
 layout: entry t belongs to the token predicted at t), G group size. Everything is fp32 and
@@ -16,12 +22,17 @@ rollouts with positive advantage; |M_func| then counts only those positions).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                "seq-mean-token-sum-norm", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k3")
 ANCHORS = ("pg", "nll_pos")
+ADV_STDS = ("sample", "population")
+IMPORTANCE_LEVELS = ("token", "sequence")
 
 
 def _is_zero(x) -> bool:
@@ -35,20 +46,26 @@ def _check_shape(name: str, x, shape):
 
 
 def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
-                     eps: float = 1e-6):
+                     std: str = "sample", eps: float = 1e-6):
   """Group-relative advantages float32[B] of rewards float32[B] (groups: consecutive G).
 
-  (r - group mean) / (group std + eps), std with ddof 0; without the std when
-  `scale_by_std` is False (Dr. GRPO). A group whose rewards are all equal gets exactly 0
-  (its float mean may differ from the rewards by an ulp, which the std would amplify).
+  (r - group mean) / (group std + eps). `std` "sample" (ddof 1, the default) is what verl
+  (compute_grpo_outcome_advantage), TRL, OpenRLHF and EasyR1 divide by; "population"
+  (ddof 0) is smaller by sqrt((G - 1) / G). Without the std when `scale_by_std` is False
+  (Dr. GRPO; verl's norm_adv_by_std_in_grpo=False). A group whose rewards are all equal
+  gets exactly 0 (its float mean may differ from the rewards by an ulp, which the std
+  would amplify).
   """
+  if std not in ADV_STDS:
+    raise ValueError(f"advantage std {std!r} is not one of {ADV_STDS}")
   r = jnp.asarray(rewards, jnp.float32)
   if r.ndim != 1 or group_size < 1 or r.shape[0] % group_size:
     raise ValueError(f"rewards of shape {r.shape} do not split into groups of {group_size}")
   groups = r.reshape(-1, group_size)
   centred = groups - jnp.mean(groups, axis=1, keepdims=True)
   if scale_by_std:
-    centred = centred / (jnp.std(groups, axis=1, keepdims=True) + eps)
+    ddof = 1 if std == "sample" and group_size > 1 else 0
+    centred = centred / (jnp.std(groups, axis=1, keepdims=True, ddof=ddof) + eps)
   constant = jnp.max(groups, axis=1, keepdims=True) == jnp.min(groups, axis=1, keepdims=True)
   return jnp.where(constant, 0.0, centred).reshape(-1)
 
@@ -56,54 +73,102 @@ def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
 def kl_penalty(logp, ref_logp, estimator: str):
   """Per-token KL(pi || ref) estimate float32[B, T] from sampled-token log-probs [B, T].
 
-  k1 = logp - ref_logp (unbiased, can be negative); k3 = exp(d) - d - 1 with
-  d = ref_logp - logp (unbiased, >= 0, lower variance).
+  k1 = logp - ref_logp (unbiased, can be negative; verl's "kl"/"k1", TRL's beta term
+  uses k3). k3 = exp(d) - d - 1 with d = ref_logp - logp clipped to [-20, 20], the result
+  capped at 10 (>= 0, lower variance): verl's "low_var_kl"/"k3" exactly, and TRL's
+  per-token KL wherever neither clamp is active.
   """
   logp = jnp.asarray(logp, jnp.float32)
   ref_logp = jnp.asarray(ref_logp, jnp.float32)
   if estimator == "k1":
     return logp - ref_logp
   if estimator == "k3":
-    d = ref_logp - logp
-    return jnp.exp(d) - d - 1.0
+    d = jnp.clip(ref_logp - logp, -20.0, 20.0)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
   raise ValueError(f"kl_estimator {estimator!r} is not one of {KL_ESTIMATORS}")
 
 
 def aggregate(per_token, mask, mode: str, *, max_length: int | None = None):
   """Scalar float32[] from per-token values float32[B, T] over a float32[B, T] mask.
 
-  token-mean: sum over valid tokens / their number in the batch. seq-mean-token-mean: mean
-  over sequences (those with a valid token) of each one's token mean.
-  seq-mean-token-sum-norm: mean over all B sequences of token sums / max_length (a
-  constant, default T), as in Dr. GRPO. An empty mask gives 0.
+  Each mode is the peer's of the same name (verl's `agg_loss` on one batch, TRL's
+  `loss_type`); "sequences" below are those with at least one valid token.
+    token-mean: sum over valid tokens / their number (verl; TRL "bnpo", and "dapo" on
+      one process).
+    seq-mean-token-mean: mean over sequences of each one's token mean (verl; TRL "grpo"
+      except that TRL also counts empty sequences).
+    seq-mean-token-sum: mean over sequences of each one's token sum (verl).
+    seq-mean-token-sum-norm: the batch's token sum / max_length (verl, whose
+      loss_scale_factor defaults to the padded response length); no mean over sequences.
+    dr_grpo: the batch's token sum / (B * max_length), B counting every row (TRL's
+      "dr_grpo", Dr. GRPO's constant normaliser).
+  max_length is a constant, default T: pass the completion budget (max_new_tokens) when
+  the T axis also holds the prompt. An empty mask gives 0.
   """
   mask = jnp.asarray(mask, jnp.float32)
   per_token = jnp.where(mask > 0, jnp.asarray(per_token, jnp.float32) * mask, 0.0)
+  norm = per_token.shape[1] if max_length is None else max_length
   if mode == "token-mean":
     return jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
-  if mode == "seq-mean-token-mean":
+  if mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
     counts = jnp.sum(mask, axis=1)
-    seq = jnp.sum(per_token, axis=1) / jnp.maximum(counts, 1.0)
+    seq = jnp.sum(per_token, axis=1)
+    if mode == "seq-mean-token-mean":
+      seq = seq / jnp.maximum(counts, 1.0)
     has = (counts > 0).astype(jnp.float32)
     return jnp.sum(seq * has) / jnp.maximum(jnp.sum(has), 1.0)
   if mode == "seq-mean-token-sum-norm":
-    norm = per_token.shape[1] if max_length is None else max_length
-    return jnp.mean(jnp.sum(per_token, axis=1) / norm)
+    return jnp.sum(per_token) / norm
+  if mode == "dr_grpo":
+    return jnp.sum(per_token) / (per_token.shape[0] * norm)
   raise ValueError(f"loss aggregation {mode!r} is not one of {AGGREGATIONS}")
+
+
+def log_importance_ratio(logp, old_logp, mask, level: str, *, clamp: float = 20.0):
+  """log pi/pi_old float32[B, T] of the surrogate (0 at masked positions).
+
+  token: per token (PPO / GRPO). sequence: GSPO's s_i = exp(mean_t log-ratio of row i) as
+  the value at every token of the row, with each token's own gradient: log s_it =
+  sg(log s_i) + logp - sg(logp), as verl's "gspo" loss; TRL's
+  importance_sampling_level="sequence" has the same value and gradient. `clamp` > 0 clips
+  the log-ratio to [-clamp, clamp] before any exp (verl clamps token log-ratios at 20 and
+  GSPO's from above at 10); 0 turns it off.
+  """
+  valid = mask > 0
+  if level == "token":
+    log_ratio = jnp.where(valid, logp - old_logp, 0.0)
+  elif level == "sequence":
+    diff = jnp.where(valid, logp - old_logp, 0.0)
+    seq = jnp.sum(diff, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    own = jnp.where(valid, logp, 0.0)
+    log_ratio = jnp.where(valid, own - jax.lax.stop_gradient(own)
+                          + jax.lax.stop_gradient(seq)[:, None], 0.0)
+  else:
+    raise ValueError(f"importance_level {level!r} is not one of {IMPORTANCE_LEVELS}")
+  if clamp > 0:
+    log_ratio = jnp.clip(log_ratio, -clamp, clamp)
+  return log_ratio
 
 
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
               clip_high: float = 0.28, loss_agg: str = "token-mean", beta: float = 0.0,
               ref_logp=None, kl_estimator: str = "k3", sampler_logp=None, tis_cap=None,
-              functional_mask=None, alpha: float = 0.0, anchor: str = "pg"):
+              functional_mask=None, alpha: float = 0.0, anchor: str = "pg",
+              clip_ratio_c: float = 3.0, log_ratio_clamp: float = 20.0,
+              importance_level: str = "token", max_length: int | None = None):
   """GRPO (alpha = 0) or LA-GRPO loss and metrics.
+
+  The surrogate per token is max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and with
+  dual-clip, for A < 0, min of that and -A c: verl's compute_policy_loss_vanilla (token
+  level) or its "gspo" loss (sequence level, which has no dual-clip, as TRL has none).
 
   Args:
     logp: float32[B, T] log-probs of the taken tokens under the current params.
     old_logp: float32[B, T] the same under the params before this batch's inner updates.
     advantages: float32[B], one per completion. mask: float32[B, T], 1 on completion tokens.
     clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
-    loss_agg: one of AGGREGATIONS, for the surrogate and the KL term.
+    loss_agg: one of AGGREGATIONS (see `aggregate`), for the surrogate and the KL term;
+      max_length its constant for seq-mean-token-sum-norm and dr_grpo (default T).
     beta, ref_logp float32[B, T], kl_estimator: KL to a frozen reference, added as
       beta * aggregate(kl); beta 0 needs no reference.
     sampler_logp float32[B, T], tis_cap: truncated importance sampling of the
@@ -111,16 +176,24 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
       min(exp(old_logp - sampler_logp), tis_cap), without gradient. Off unless both given.
     functional_mask: float32[B, T], 1 at functional-token positions (M_func); alpha its
       anchor's weight (a nonzero alpha needs it). anchor: one of ANCHORS.
+    clip_ratio_c: dual-clip bound c > 1 (verl's default 3.0); 0 turns it off. Token level
+      only.
+    log_ratio_clamp: the log-ratio is clipped to +-this before exp (verl: 20); 0 = off.
+    importance_level: "token" or "sequence" (GSPO), see `log_importance_ratio`.
   Returns:
     (loss float32[], metrics dict of float32[]: pg_loss, anchor_loss, functional_positions,
-    ratio_mean, clip_fraction, clip_low_fraction, clip_high_fraction, and kl when ref_logp
-    is given, tis_weight_mean when TIS is on).
+    ratio_mean, clip_fraction, clip_low_fraction, clip_high_fraction, dual_clip_fraction,
+    and kl when ref_logp is given, tis_weight_mean when TIS is on).
   """
   choices = {"anchor": (anchor, ANCHORS), "loss aggregation": (loss_agg, AGGREGATIONS),
-             "kl_estimator": (kl_estimator, KL_ESTIMATORS)}
+             "kl_estimator": (kl_estimator, KL_ESTIMATORS),
+             "importance_level": (importance_level, IMPORTANCE_LEVELS)}
   for what, (value, allowed) in choices.items():
     if value not in allowed:
       raise ValueError(f"{what} {value!r} is not one of {allowed}")
+  if clip_ratio_c != 0 and clip_ratio_c <= 1:
+    raise ValueError(f"clip_ratio_c {clip_ratio_c} must be > 1 (the dual-clip bound) or 0 "
+                     "(off)")
   logp = jnp.asarray(logp, jnp.float32)
   shape = logp.shape
   old_logp = jnp.asarray(old_logp, jnp.float32)
@@ -133,9 +206,15 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
   # Masked positions may hold garbage log-probs: differences there are zeroed before any
   # exp, so neither the loss nor its gradient can meet inf * 0.
   valid = mask > 0
-  ratio = jnp.exp(jnp.where(valid, logp - old_logp, 0.0))
+  ratio = jnp.exp(log_importance_ratio(logp, old_logp, mask, importance_level,
+                                       clamp=log_ratio_clamp))
   clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-  surrogate = -jnp.minimum(ratio * adv, clipped_ratio * adv)
+  surrogate = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
+  dual = jnp.zeros(shape, bool)
+  if clip_ratio_c and importance_level == "token":
+    cap = -adv * clip_ratio_c
+    dual = (adv < 0) & (surrogate > cap)
+    surrogate = jnp.where(dual, cap, surrogate)
   metrics = {}
   if tis_cap is not None:
     if sampler_logp is None:
@@ -146,7 +225,8 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
     weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_weight), tis_cap))
     surrogate = surrogate * weight
     metrics["tis_weight_mean"] = aggregate(weight, mask, "token-mean")
-  pg_loss = aggregate(surrogate, mask, loss_agg)
+  agg = functools.partial(aggregate, mask=mask, mode=loss_agg, max_length=max_length)
+  pg_loss = agg(surrogate)
   loss = pg_loss
 
   if ref_logp is not None:
@@ -155,7 +235,7 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
     kl = kl_penalty(logp, jnp.where(valid, ref_logp, logp), kl_estimator)
     metrics["kl"] = aggregate(kl, mask, "token-mean")
     if not _is_zero(beta):
-      loss = loss + beta * aggregate(kl, mask, loss_agg)
+      loss = loss + beta * agg(kl)
   elif not _is_zero(beta):
     raise ValueError(f"beta {beta} needs ref_logp (the frozen reference's log-probs)")
 
@@ -185,5 +265,6 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
       ratio_mean=aggregate(ratio, mask, "token-mean"),
       clip_fraction=aggregate((low | high).astype(jnp.float32), mask, "token-mean"),
       clip_low_fraction=aggregate(low.astype(jnp.float32), mask, "token-mean"),
-      clip_high_fraction=aggregate(high.astype(jnp.float32), mask, "token-mean"))
+      clip_high_fraction=aggregate(high.astype(jnp.float32), mask, "token-mean"),
+      dual_clip_fraction=aggregate(dual.astype(jnp.float32), mask, "token-mean"))
   return loss, metrics

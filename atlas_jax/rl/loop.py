@@ -4,7 +4,11 @@ Start: params from an orbax SFT checkpoint (config.model.init_checkpoint), else 
 config.model.hf_path or a fresh init. Each step samples G completions for each of B
 prompts with the current params, scores them on the host, computes group advantages,
 takes the trainer's log-probs once (the "old" policy for the mu inner updates, and the
-reference for the sampler-vs-trainer drift metric), then applies mu updates.
+reference for the sampler-vs-trainer drift metric), then applies mu updates. With
+rl.dynamic_sampling (DAPO) groups whose rewards are all equal are dropped and further
+prompt batches drawn until B informative groups are in hand (`rollout.fill_groups`);
+rl.overlong_buffer adds DAPO's soft overlong penalty to the rewards. Every metric the
+update returns is logged, the gradient-dilution diagnostic included.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from atlas_jax.rl.update import rl_step, token_logps
 from atlas_jax.train import loop as sft_loop
 from atlas_jax.train import optimizer as optimizer_lib
 from atlas_jax.train import setup
+
+_PROMPT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
 
 def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None) -> Sampler:
@@ -100,6 +106,32 @@ def _logp_drift(batch):
   return jnp.sum(drift * pred_mask) / jnp.maximum(jnp.sum(pred_mask), 1)
 
 
+def _draw(run, rl, sampler, iterator, params, key, sampled: dict, i: int):
+  """Draw i of a step: the next prompt batch, sampled and scored. Returns (host prompts,
+  device prompts, device rollout, host rows: tokens, mask, reward (the total, overlong
+  penalty included), reward_<component>, text). `sampled` adds up tokens and seconds."""
+  t0 = time.perf_counter()
+  prompts_host = next(iterator)
+  prompts = setup.host_batch_to_device(prompts_host, run.mesh)
+  with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
+    out = sampler.sample(params, prompts, key if i == 0 else jax.random.fold_in(key, i))
+  host = {k: rollout.local_rows(out[k]) for k in ("tokens", "mask")}
+  sampled["seconds"] += time.perf_counter() - t0
+  sampled["tokens"] += int(host["mask"].sum())
+  texts = rollout.decode_completions(run.tokenizer, host["tokens"], host["mask"])
+  samples = rollout.host_samples(prompts_host, rl.group_size)
+  lengths = host["mask"].sum(1)
+  total, parts = rewards_lib.compute_rewards(texts, samples, rl.reward,
+                                             num_tokens=lengths.tolist())
+  if rl.overlong_buffer:
+    parts["overlong_penalty"] = rewards_lib.overlong_penalty(
+        lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty)
+    total = total + parts["overlong_penalty"]
+  host.update(reward=total, text=np.asarray(texts, object),
+              **{f"reward_{k}": v for k, v in parts.items()})
+  return prompts_host, prompts, out, host
+
+
 def train_rl(c, workdir: str):
   """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
@@ -113,7 +145,6 @@ def train_rl(c, workdir: str):
   opts = dict(sft_loop.data_options(c, run.tokenizer), batch_size=rl.prompts_per_step)
   iterator = pipeline.rl_pipeline(source, **opts)
   state = sft_loop.maybe_restore(run, state, state_sh, iterator)
-  reward_cfg = rl.reward
   sampler = sampler_for(run, rl)
   functional_ids = jnp.asarray(run.table.id_array)
   chunk = c.train.logprob_chunk
@@ -128,19 +159,29 @@ def train_rl(c, workdir: str):
   end = sft_loop.stop_step(c, start_step)
   for step in range(start_step // rl.inner_updates, end // rl.inner_updates):
     t0 = time.perf_counter()
-    prompts_host = next(iterator)
-    prompts = setup.host_batch_to_device(prompts_host, run.mesh)
     key = jax.random.fold_in(state.step_key(), 1)
-    with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
-      out = sampler.sample(state.params, prompts, key)
-    tokens, mask = rollout.local_rows(out["tokens"]), rollout.local_rows(out["mask"])
-    t_rollout = time.perf_counter() - t0
-    texts = rollout.decode_completions(run.tokenizer, tokens, mask)
-    samples = rollout.host_samples(prompts_host, rl.group_size)
-    total, parts = rewards_lib.compute_rewards(texts, samples, reward_cfg,
-                                               num_tokens=mask.sum(1).tolist())
+    sampled = {"tokens": 0, "seconds": 0.0}
+    draw = functools.partial(_draw, run, rl, sampler, iterator, state.params, key, sampled)
+    if rl.dynamic_sampling:
+      def draw_rows(i):
+        prompts_host, _, out, host = draw(i)
+        host["logps"] = rollout.local_rows(out["logps"])
+        return {k: prompts_host[k] for k in _PROMPT_FIELDS if k in prompts_host}, host
+      prompt_rows, host, ds = rollout.fill_groups(
+          draw_rows, groups_needed=opts["batch_size"], group_size=rl.group_size,
+          max_draws=rl.dynamic_sampling_max_draws,
+          pad_values={"input_ids": run.tokenizer.pad_token_id})
+      prompts = {k: rollout.to_global_rows(v, run.mesh) for k, v in prompt_rows.items()}
+      out = {k: rollout.to_global_rows(host[k], run.mesh) for k in ("tokens", "mask", "logps")}
+      ds_metrics = {f"dynamic_sampling_{k}": rollout.global_mean(v) for k, v in ds.items()}
+    else:
+      _, prompts, out, host = draw(0)
+      ds_metrics = {}
+    total, mask, texts = host["reward"], host["mask"], list(host["text"])
+    parts = {k[len("reward_"):]: v for k, v in host.items() if k.startswith("reward_")}
     advantages = rollout.to_global_rows(np.asarray(grpo.group_advantages(
-        jnp.asarray(total), rl.group_size, scale_by_std=rl.scale_adv_by_std)), run.mesh)
+        jnp.asarray(total), rl.group_size, scale_by_std=rl.scale_adv_by_std,
+        std=rl.adv_std)), run.mesh)
     batch = rollout.assemble(prompts, out, advantages, group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
       batch["old_logp"], _ = old_logps(state.params, batch)
@@ -157,8 +198,8 @@ def train_rl(c, workdir: str):
                  rollout.functional_counts(texts, run.table.tokens)),
              completion_length=rollout.global_mean(mask.sum(1)),
              logp_drift=float(_logp_drift(batch)),
-             rollout_tokens_per_s=rollout.global_mean(mask.sum()) * jax.process_count()
-             / t_rollout,
+             rollout_tokens_per_s=rollout.global_mean(sampled["tokens"])
+             * jax.process_count() / max(sampled["seconds"], 1e-9), **ds_metrics,
              step_seconds=time.perf_counter() - t0,
              learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
     done = int(state.step)

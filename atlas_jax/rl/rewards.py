@@ -333,6 +333,24 @@ def length_penalty(completion: str, sample: Sample, cfg, *,
   return -min(max(n - budget, 0) / budget, 1.0)
 
 
+def overlong_penalty(num_tokens, max_length: int, buffer: int,
+                     penalty: float = 1.0) -> np.ndarray:
+  """DAPO's soft overlong punishment float32[N] of completion lengths int[N] (tokens).
+
+  0 up to max_length - buffer, then falling linearly to -penalty at max_length (and
+  beyond), as verl's DAPO reward manager (overlong_buffer.len, .penalty_factor). It
+  depends on the sampling budget, not on the text, so it is added to the rewards outside
+  `compute_rewards`. buffer 0 gives zeros.
+  """
+  n = np.asarray(num_tokens, np.float64).reshape(-1)
+  if buffer <= 0:
+    return np.zeros(n.shape, np.float32)
+  if buffer > max_length:
+    raise ValueError(f"overlong buffer {buffer} exceeds the maximum length {max_length}")
+  exceed = n - (max_length - buffer)
+  return np.clip(-exceed / buffer * penalty, -penalty, 0.0).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _takes_num_tokens(fn) -> bool:
   try:
