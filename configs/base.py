@@ -1,7 +1,7 @@
 """Config groups shared by every recipe. Recipes call `base_config()` and change fields.
 
 Groups: model, tokenizer, functional_tokens, data, optim, train, checkpoint, mesh, rl,
-distributed.
+eval, distributed.
 """
 
 import ml_collections
@@ -30,8 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.functional_tokens.init = "mean"  # mean | describe
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_jsonl = ""    # ATLAS trajectories; empty: generate the synthetic suite
+  c.data.train_jsonl = ""    # .jsonl or .json data file; empty: generate the synthetic suite
   c.data.test_jsonl = ""
+  c.data.format = "auto"     # reader per file: auto (from its fields) | atlas | chat | llava | rl
+  c.data.image_root = ""     # relative image paths: under this folder if found, else the file's
+  c.data.on_source_change = "rebuild"  # a source changed since the build: rebuild | error
   c.data.dataset_dir = ""    # where the TFDS dataset is built; empty: <workdir>/data
   c.data.synthetic_per_family = 64
   c.data.synthetic_test_per_family = 16
@@ -86,10 +89,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.clip_high = 0.28
   c.rl.beta = 0.0              # KL to the frozen start; 0 keeps no reference copy
   c.rl.kl_estimator = "k3"     # k1 | k3
-  c.rl.loss_agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+  c.rl.loss_agg = "token-mean"  # verl's agg_loss modes (see grpo.aggregate) or TRL's dr_grpo
   c.rl.alpha = 0.1             # LA-GRPO anchor weight; 0 = plain GRPO
   c.rl.anchor = "pg"           # pg | nll_pos
-  c.rl.scale_adv_by_std = True
+  c.rl.scale_adv_by_std = True  # False: Dr. GRPO advantages (r - group mean)
+  c.rl.adv_std = "sample"      # sample (ddof 1, as verl/TRL) | population (ddof 0)
+  c.rl.clip_ratio_c = 3.0      # dual-clip bound for negative advantages (verl's); 0 = off
+  c.rl.log_ratio_clamp = 20.0  # |log pi/pi_old| clamp before exp (verl's); 0 = off
+  c.rl.importance_level = "token"  # token | sequence (GSPO's sequence-level ratio)
+  c.rl.dynamic_sampling = False  # DAPO: drop all-equal-reward groups, draw more prompts
+  c.rl.dynamic_sampling_max_draws = 10  # prompt batches drawn per step at most (then pad)
+  c.rl.overlong_buffer = 0     # DAPO soft overlong penalty over the last this many tokens; 0 = off
+  c.rl.overlong_penalty = 1.0  # the penalty at max_new_tokens (DAPO's penalty factor)
   c.rl.tis_cap = 0.0           # truncated importance sampling cap; 0 = off
   c.rl.eval_prompts = 64
   c.rl.eval_batch_size = 16    # prompts per greedy evaluation batch (global)
@@ -99,6 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.reward.max_functional_tokens = 6
   c.rl.reward.length_budget = 256
   c.rl.reward.functional_tokens = FUNCTIONAL_TOKENS
+
+  c.eval = ml_collections.ConfigDict()  # a benchmark scored during SFT and RL (atlas_jax.eval)
+  c.eval.data = ""           # .jsonl/.json, VLMEvalKit .tsv or HF .parquet; empty: off
+  c.eval.format = "auto"     # auto (from the extension) | tsv | parquet | atlas | chat | llava | rl
+  c.eval.prompt = "native"   # native (the format's convention) | boxed | question
+  c.eval.every = 0           # steps between evaluations; 0: only at the job's last step
+  c.eval.max_rows = 0        # the first this many usable rows; 0: all
+  c.eval.batch_size = 16     # prompts per batch (global)
+  c.eval.max_new_tokens = 0  # 0: rl.max_new_tokens
+  c.eval.subtasks = ()       # categories averaged as eval/subtask_mean, or ("blink_atlas",)
+  c.eval.keep_best = ""      # metric to keep <workdir>/best by (e.g. "accuracy"; "-x": lowest)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # jax.distributed.initialize (multi-host); env vars fill in

@@ -53,6 +53,40 @@ def test_each_bad_reason_is_skipped_and_counted(tmp_path):
                                         unknown_special_token=1)
 
 
+def test_images_the_preprocessing_cannot_take_are_refused_by_reason(tmp_path):
+  import io
+  from PIL import Image
+
+  def png(size, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+  assert schema.check_image(png((112, 84))) == (84, 112)
+  assert schema.check_image(png((60, 60), "I;16")) == (56, 56)
+  cases = {"extreme_aspect_ratio": png((2, 600)), "corrupt_image": b"GIF89a\x00",
+           "unusable_image": b""}
+  for reason, data in cases.items():
+    with pytest.raises(schema.BadRecord) as e:
+      schema.check_image(data)
+    assert e.value.reason == reason
+  rec = schema.Trajectory(id="x", images=(png((112, 112)),) * 2, question="Q", trajectory="",
+                          answer="A")
+  assert len(schema.load_images(rec)) == 2
+  for limits, reason in (({"max_images": 1}, "too_many_images"),
+                         ({"max_patches": 100}, "too_many_patches")):
+    with pytest.raises(schema.BadRecord) as e:
+      schema.load_images(rec, **limits)
+    assert e.value.reason == reason
+
+
+def test_undecodable_line_and_duplicate_id_are_counted(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"id": "\xff"}\n'
+                   + json.dumps(GOOD).encode() + b"\n")
+  records, skipped = schema.read_jsonl(str(path))
+  assert len(records) == 1 and skipped == {"undecodable_bytes": 1, "duplicate_id": 1}
+
+
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
     schema.read_jsonl(str(tmp_path / "nope.jsonl"))

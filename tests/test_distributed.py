@@ -82,9 +82,8 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert state["value"]["next_index"] == STEPS * GLOBAL_BATCH // PROCESSES
 
   # The dataset, the tokenizer and the metrics were written by process 0 only.
-  assert "Downloading and preparing" in first[0]
-  assert not any("Downloading and preparing" in out or "[train]" in out
-                 for out in (first[1], second[1]))
+  assert "[data] built" in first[0]
+  assert not any("[data] built" in out or "[train]" in out for out in (first[1], second[1]))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   train = [r for r in records if r.get("prefix") == "train"]

@@ -71,6 +71,14 @@ def test_sft_batches_have_the_contract(data):
   assert rows == 20 and dict(p.skipped) == {"too_long": 1}  # the 400-word question
 
 
+def test_a_bad_record_is_counted_once_over_epochs(data):
+  report, tok, _ = data
+  src = tfds_builder.open_source(report, "train")
+  p = pipeline.sft_pipeline(src, tokenizer=tok, seed=0, num_epochs=3, **OPTS)
+  rows = sum(int(b["valid"].sum()) for b in p)
+  assert rows == 60 and dict(p.skipped) == {"too_long": 1}
+
+
 def test_pixels_equal_image_preprocess(data):
   report, tok, root = data
   src = tfds_builder.open_source(report, "test")

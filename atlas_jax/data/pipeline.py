@@ -12,8 +12,9 @@ Batches are numpy, batch-major (B = per-process batch):
   choices. T is the smallest length bucket that holds the batch's longest row. SFT batches
   pad on the right; RL prompt batches pad on the left (generation continues the row).
 
-Skipped records are counted per process in `pipeline.skipped` (grain runs the transforms
-in this process); `report_skipped` formats the counts.
+Skipped records are counted per process in `pipeline.skipped`, once per record however
+many epochs pass (grain runs the transforms in this process); `report_skipped` formats
+the counts. The build decided every other reason already, so these are mostly `too_long`.
 """
 
 from __future__ import annotations
@@ -38,14 +39,17 @@ def _text(x) -> str:
 
 
 class _Skip:
-  """What `_Render` returns for a bad record; counted when the iterator consumes it."""
+  """What `_Render` returns for a bad record; counted (once per record) when the iterator
+  consumes it."""
 
-  def __init__(self, reason: str):
-    self.reason = reason
+  def __init__(self, reason: str, record_id: str):
+    self.reason, self.id = reason, record_id
 
 
 class _Render:
-  """Decodes one stored example and renders it; a bad one becomes a `_Skip`."""
+  """Decodes one stored example and renders it; a bad one becomes a `_Skip`. The build
+  already checked images and limits, so what fails here is mostly length after rendering;
+  anything else that raises is skipped too, never fatal."""
 
   def __init__(self, tokenizer, *, min_pixels, max_pixels, max_length, max_images, max_patches,
                prompt_suffix, prompt_only):
@@ -55,26 +59,44 @@ class _Render:
     self.prompt_suffix = prompt_suffix
 
   def __call__(self, ex):
+    record_id = _text(ex["id"])
+    try:
+      return self._render(ex, record_id)
+    except Exception:  # noqa: BLE001  (a record must never end a run)
+      return _Skip("render_error", record_id)
+
+  def _render(self, ex, record_id):
     offsets = np.asarray(ex["image_offsets"])
     blob = np.asarray(ex["image_bytes"]).tobytes()
     if len(offsets) - 1 > self.max_images:
-      return _Skip("too_long")
+      return _Skip("too_many_images", record_id)
     try:
       images = [Image.open(io.BytesIO(blob[a:b])).convert("RGB")
                 for a, b in zip(offsets[:-1], offsets[1:])]
     except Exception:  # noqa: BLE001  (Pillow raises many types for bad bytes)
-      return _Skip("corrupt_image")
-    pixels, grid = image_lib.preprocess(images, min_pixels=self.min_pixels,
-                                        max_pixels=self.max_pixels)
+      return _Skip("corrupt_image", record_id)
+    try:
+      pixels, grid = image_lib.preprocess(images, min_pixels=self.min_pixels,
+                                          max_pixels=self.max_pixels)
+    except ValueError:
+      return _Skip("extreme_aspect_ratio", record_id)
     if pixels.shape[0] > self.max_patches:
-      return _Skip("too_long")
+      return _Skip("too_many_patches", record_id)
     trajectory = None if self.prompt_only else _text(ex["trajectory"])
-    out = chat.render(self.tokenizer, _text(ex["question"]), trajectory,
-                      image_lib.num_image_tokens(grid).tolist(), prompt_suffix=self.prompt_suffix)
+    history = _text(ex.get("history", b""))
+    try:
+      out = chat.render(self.tokenizer, _text(ex["question"]), trajectory,
+                        image_lib.num_image_tokens(grid).tolist(),
+                        system=_text(ex.get("system", b"")) or None,
+                        history=[tuple(h) for h in json.loads(history)] if history else (),
+                        prompt_suffix=self.prompt_suffix)
+    except ValueError as e:
+      return _Skip("image_count_mismatch" if "placeholder" in str(e) else "render_error",
+                   record_id)
     if len(out["input_ids"]) > self.max_length:
-      return _Skip("too_long")
+      return _Skip("too_long", record_id)
     choices = json.loads(_text(ex["choices"]))
-    return dict(out, pixel_values=pixels, image_grid_thw=grid, id=_text(ex["id"]),
+    return dict(out, pixel_values=pixels, image_grid_thw=grid, id=record_id,
                 answer=_text(ex["answer"]), task=_text(ex["task"]) or None,
                 answer_type=_text(ex["answer_type"]) or None,
                 choices=tuple(choices) if choices else None)
@@ -156,9 +178,13 @@ def _pipeline(source, *, tokenizer, min_pixels, max_pixels, max_length, length_b
                       max_length=max_length, max_images=max_images, max_patches=max_patches,
                       prompt_suffix=prompt_suffix, prompt_only=prompt_only))
 
+  counted: set = set()
+
   def keep(example) -> bool:  # runs as the iterator consumes, after any read-ahead
     if isinstance(example, _Skip):
-      skipped[example.reason] += 1
+      if example.id not in counted:  # once per record, not once per epoch
+        counted.add(example.id)
+        skipped[example.reason] += 1
       return False
     return True
   collate = _Collate(batch_size=batch_size, length_buckets=length_buckets,

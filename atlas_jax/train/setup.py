@@ -31,6 +31,14 @@ def validate_config(c) -> None:
     path = c.data[name]
     if path and not os.path.isfile(path):
       raise ValueError(f"config.data.{name} {path!r} does not exist")
+  from atlas_jax.data import formats, tfds_builder
+  if c.data.format not in formats.FORMATS:
+    raise ValueError(f"config.data.format {c.data.format!r} is not one of {formats.FORMATS}")
+  if c.data.on_source_change not in tfds_builder.ON_SOURCE_CHANGE:
+    raise ValueError(f"config.data.on_source_change {c.data.on_source_change!r} is not one of "
+                     f"{tfds_builder.ON_SOURCE_CHANGE}")
+  if c.data.image_root and not os.path.isdir(c.data.image_root):
+    raise ValueError(f"config.data.image_root {c.data.image_root!r} is not a directory")
   buckets = tuple(c.data.length_buckets)
   if not buckets or list(buckets) != sorted(set(buckets)) or buckets[-1] > c.data.max_length:
     raise ValueError(f"config.data.length_buckets {buckets} must be strictly increasing and end "
@@ -61,11 +69,25 @@ def validate_config(c) -> None:
     if rl.group_size < 2:
       raise ValueError(f"config.rl.group_size {rl.group_size} must be >= 2 (advantages are "
                        "relative to the group)")
-    for field, allowed in (("kl_estimator", ("k1", "k3")), ("anchor", ("pg", "nll_pos")),
-                           ("loss_agg", ("token-mean", "seq-mean-token-mean",
-                                         "seq-mean-token-sum-norm"))):
+    from atlas_jax.rl import grpo
+    for field, allowed in (("kl_estimator", grpo.KL_ESTIMATORS), ("anchor", grpo.ANCHORS),
+                           ("loss_agg", grpo.AGGREGATIONS), ("adv_std", grpo.ADV_STDS),
+                           ("importance_level", grpo.IMPORTANCE_LEVELS)):
       if rl[field] not in allowed:
         raise ValueError(f"config.rl.{field} {rl[field]!r} is not one of {allowed}")
+    if rl.clip_ratio_c != 0 and rl.clip_ratio_c <= 1:
+      raise ValueError(f"config.rl.clip_ratio_c {rl.clip_ratio_c} must be > 1 (the dual-clip "
+                       "bound) or 0 (off)")
+    if rl.log_ratio_clamp < 0:
+      raise ValueError(f"config.rl.log_ratio_clamp {rl.log_ratio_clamp} must be >= 0 (0: off)")
+    if rl.dynamic_sampling_max_draws < 1:
+      raise ValueError(f"config.rl.dynamic_sampling_max_draws {rl.dynamic_sampling_max_draws} "
+                       "must be >= 1")
+    if not 0 <= rl.overlong_buffer <= rl.max_new_tokens:
+      raise ValueError(f"config.rl.overlong_buffer {rl.overlong_buffer} must be in "
+                       f"[0, rl.max_new_tokens {rl.max_new_tokens}]")
+    if rl.overlong_penalty < 0:
+      raise ValueError(f"config.rl.overlong_penalty {rl.overlong_penalty} must be >= 0")
     if c.train.steps % rl.inner_updates:
       raise ValueError(f"config.train.steps {c.train.steps} must be a multiple of "
                        f"rl.inner_updates {rl.inner_updates}")
@@ -177,9 +199,11 @@ def _load_checkpoint_model(c, tokenizer, mesh, runtime):
 
 
 def prepare_data(c, workdir: str):
-  """Builds (once) the TFDS dataset from the configured JSONL, or from a generated synthetic
-  suite. Returns the build report dict (`tfds_builder.build_dataset`). In multi-host runs
-  process 0 builds it and the others read it."""
+  """Builds (once) the TFDS dataset from the configured data files (any `formats.FORMATS`),
+  or from a generated synthetic suite; a later run whose sources or data options changed
+  rebuilds it or stops (config.data.on_source_change). Returns the build report dict
+  (`tfds_builder.build_dataset`). In multi-host runs process 0 builds it and the others
+  read it."""
   from atlas_jax.data import synthetic, tfds_builder
   root = c.data.dataset_dir or os.path.join(workdir, "data")
   data_dir = os.path.join(root, "tfds")
@@ -198,7 +222,13 @@ def prepare_data(c, workdir: str):
       splits["test"] = synthetic.generate_suite(
           raw, n_per_family=c.data.synthetic_test_per_family, seed=c.data.synthetic_seed + 1,
           split="test")
-    return tfds_builder.build_dataset(splits=splits, data_dir=data_dir)
+    options = tfds_builder.BuildOptions(
+        format=c.data.format if c.data.train_jsonl else "atlas", image_root=c.data.image_root,
+        min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels,
+        max_images=c.data.max_images, max_patches=c.data.max_patches,
+        allowed_tokens=tuple(c.functional_tokens.tokens))
+    return tfds_builder.build_dataset(splits=splits, data_dir=data_dir, options=options,
+                                      on_source_change=c.data.on_source_change)
   return process_0_first("prepare_data", build,
                          lambda: tfds_builder.build_dataset(splits={}, data_dir=data_dir,
                                                             build=False))
