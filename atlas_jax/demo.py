@@ -1,5 +1,6 @@
 """The end-to-end ATLAS recipe on the synthetic suite: SFT, then LA-GRPO, with held-out
-evaluations before training, after SFT and after RL, and a summary table.
+evaluations before training, after SFT and after RL, and a summary table with its picture
+(summary.png: accuracy and reward per stage, accuracy per task family).
 
 The demo config (configs/demo.py) is a full base config plus a `demo` group giving each
 stage's steps and learning rate; each stage runs in its own sub-directory of the workdir
@@ -15,6 +16,7 @@ import time
 from atlas_jax.data import pipeline
 from atlas_jax.rl import loop as rl_loop
 from atlas_jax.train import loop as sft_loop
+from atlas_jax.train import plots
 
 
 class DidNotLearn(RuntimeError):
@@ -94,4 +96,8 @@ def run_demo(c, workdir: str) -> dict:
     json.dump(result, f, indent=2)
   with open(os.path.join(workdir, "summary.txt"), "w") as f:
     f.write(table + "\n")
+  try:
+    plots.plot_demo(result, os.path.join(workdir, "summary.png"))
+  except Exception as e:  # noqa: BLE001  (a picture must never fail the demo)
+    print(f"[plots] summary.png not drawn: {type(e).__name__}: {e}", flush=True)
   return result

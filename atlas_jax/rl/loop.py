@@ -22,15 +22,24 @@ import numpy as np
 
 from atlas_jax import functional_tokens, sharding
 from atlas_jax.data import pipeline
+from atlas_jax.eval import in_training
 from atlas_jax.rl import grpo, rollout
 from atlas_jax.rl import rewards as rewards_lib
 from atlas_jax.rl.sampler import Sampler, SamplerSettings
 from atlas_jax.rl.update import rl_step, token_logps
 from atlas_jax.train import loop as sft_loop
 from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import setup
+from atlas_jax.train import plots, setup
 
 _PROMPT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+
+
+def _per_process(name: str, global_count: int) -> int:
+  """This process's share of a global prompt count (each process feeds its own rows)."""
+  n = jax.process_count()
+  if global_count % n:
+    raise ValueError(f"config.{name} {global_count} is not divisible by the {n} processes")
+  return global_count // n
 
 
 def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None) -> Sampler:
@@ -52,7 +61,7 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
   """Greedy rollouts on up to `max_prompts` prompts: accuracy, reward, functional tokens."""
   c = run.config
   opts = dict(sft_loop.data_options(c, run.tokenizer, shuffle=False),
-              batch_size=rl.eval_batch_size)
+              batch_size=_per_process("rl.eval_batch_size", rl.eval_batch_size))
   iterator = pipeline.rl_pipeline(source, num_epochs=1, **opts)
   sampler = sampler_for(run, rl, greedy=True, group_size=1)
   totals, comps, func, lengths, tasks, seen = [], {}, [], [], [], 0
@@ -135,6 +144,7 @@ def _draw(run, rl, sampler, iterator, params, key, sampled: dict, i: int):
 def train_rl(c, workdir: str):
   """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
+  evals = in_training.TrainingEval.create(c)  # config.eval; None when off
   run, params = sft_loop.start(c, workdir, c.train.steps)
   ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None
   optim = sft_loop.resolve_optim(c)
@@ -142,7 +152,8 @@ def train_rl(c, workdir: str):
   schedule = optimizer_lib.learning_rate_schedule(optim)
   state, state_sh = sft_loop.create_state(run, params, optimizer)
   source = pipeline.open_source(run.data_report, "train")
-  opts = dict(sft_loop.data_options(c, run.tokenizer), batch_size=rl.prompts_per_step)
+  opts = dict(sft_loop.data_options(c, run.tokenizer),
+              batch_size=_per_process("rl.prompts_per_step", rl.prompts_per_step))
   iterator = pipeline.rl_pipeline(source, **opts)
   state = sft_loop.maybe_restore(run, state, state_sh, iterator)
   sampler = sampler_for(run, rl)
@@ -208,6 +219,10 @@ def train_rl(c, workdir: str):
     last = m
     run.checkpointer.save(done, state, data_state=iterator.get_state(),
                           extra=sft_loop.checkpoint_extra(run), force=done >= end)
+    if evals is not None:
+      evals.maybe_run(run, state, done, end, stride=rl.inner_updates)
+    if done % c.train.log_every < rl.inner_updates or done >= end:
+      plots.refresh(run.workdir, force=done >= end)
   run.checkpointer.wait()
   run.checkpointer.close()
   run.writer.close()

@@ -20,9 +20,10 @@ import numpy as np
 from atlas_jax import checkpoint as checkpoint_lib
 from atlas_jax import sharding
 from atlas_jax.data import pipeline
+from atlas_jax.eval import in_training
 from atlas_jax.train import metrics as metrics_lib
 from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import setup
+from atlas_jax.train import plots, setup
 from atlas_jax.train.sft import sft_step
 from atlas_jax.train.state import TrainState
 
@@ -133,6 +134,7 @@ def train_sft(c, workdir: str, on_start=None):
   """Runs (or resumes) SFT in `workdir`. `on_start(run, state)` is called once the state
   is ready (e.g. to evaluate before training). Returns (final TrainState, last logged
   metrics, Run)."""
+  evals = in_training.TrainingEval.create(c)  # config.eval; None when off
   run, params = start(c, workdir, c.train.steps)
   optim = resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)
@@ -175,6 +177,10 @@ def train_sft(c, workdir: str, on_start=None):
         window, tokens, t0 = [], 0, time.perf_counter()
       run.checkpointer.save(done, state, data_state=iterator.get_state(),
                             extra=checkpoint_extra(run), force=done == end)
+      if evals is not None:
+        evals.maybe_run(run, state, done, end)
+      if done % c.train.log_every == 0 or done == end:
+        plots.refresh(run.workdir, force=done == end)
   run.checkpointer.wait()
   run.writer.text(int(state.step), "skipped_records", pipeline.report_skipped(iterator.skipped))
   run.checkpointer.close()
