@@ -8,7 +8,9 @@ source launch/venv.sh
 ensure_venv test
 export JAX_PLATFORMS=cpu
 set +e
-"$VENV/bin/python" -m pytest "$@"
+# Test files run in parallel, one file per worker at a time (module fixtures stay shared);
+# ATLAS_TEST_WORKERS=0 runs everything in this process.
+"$VENV/bin/python" -m pytest -n "${ATLAS_TEST_WORKERS:-auto}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
