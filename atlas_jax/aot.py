@@ -47,6 +47,7 @@ class Report:
   tflops: float
   compile_s: float
   model_tflops: float = 0.0
+  attention: str = "xla"
 
   @property
   def fits(self) -> bool:
@@ -136,7 +137,7 @@ def _out_of_memory(error, args, hbm_gib, lowered) -> dict:
 def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, length: int,
                   patches: int, new_tokens: int, steps=("sft", "la-grpo", "sampler"),
                   remat: str = "dots_no_batch", chunk: int = 512, group_size: int = 8,
-                  attention_chunk: int = 0,
+                  attention_chunk: int = 0, attention_impl: str = "xla",
                   sampler_prompts: int | None = None, devices=None,
                   hbm_gib: float | None = None) -> list[Report]:
   """Compiles the chosen steps of one model size for one slice; returns their reports.
@@ -154,7 +155,10 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
   if batch <= 0:
     batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  config = from_size(size, dtype="bfloat16", remat=remat, attention_chunk=attention_chunk)
+  if attention_impl != "xla":
+    attention_chunk = 0  # the kernels never hold [T, S] logits; chunking is the einsum's
+  config = from_size(size, dtype="bfloat16", remat=remat, attention_chunk=attention_chunk,
+                     attention_impl=attention_impl)
   param_sh = sharding.param_shardings(mesh, config)
   from atlas_jax.model import abstract_params
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
@@ -184,7 +188,7 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
       except Exception as e:  # the TPU compiler refuses programs that exceed HBM
         stats = _out_of_memory(e, args, hbm_gib, lowered)
     reports.append(Report(size=size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
-                          compile_s=time.perf_counter() - t0,
+                          compile_s=time.perf_counter() - t0, attention=attention_impl,
                           model_tflops=_model_flops(config, name, rows, length, new_tokens,
                                                     n_params) / len(devices) / 1e12,
                           **stats))
@@ -228,16 +232,18 @@ def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, len
 
 
 def format_table(reports: list[Report]) -> str:
-  head = (f"{'size':<16}{'slice':<10}{'step':<9}{'mesh':<18}{'rows':>5}{'args':>8}{'temp':>8}"
+  head = (f"{'size':<16}{'slice':<10}{'step':<9}{'attn':<7}{'mesh':<18}{'rows':>5}{'args':>8}{'temp':>8}"
           f"{'total':>8}{'HBM':>6}{'fits':>6}{'TFLOP':>8}{'compile':>9}")
   lines = [head, "-" * len(head)]
   for r in reports:
-    lines.append(f"{r.size:<16}{r.topology:<10}{r.step:<9}{r.mesh:<18}{r.rows:>5}"
+    lines.append(f"{r.size:<16}{r.topology:<10}{r.step:<9}{r.attention:<7}{r.mesh:<18}{r.rows:>5}"
                  f"{r.argument_gib:>8.2f}"
                  f"{r.temp_gib:>8.2f}{r.total_gib:>8.2f}{r.hbm_gib:>6.0f}"
                  f"{'yes' if r.fits else 'NO':>6}{r.model_tflops:>8.1f}{r.compile_s:>8.1f}s")
   lines.append("TFLOP: model FLOPs per chip per step (analytic, without remat; XLA's own "
                "count, in the JSON as tflops, sees a scanned layer once).")
+  lines.append("attn: model.attention_impl (xla: einsums, query-chunked by "
+               "--attention_chunk; splash: Pallas splash kernels, no chunking).")
   lines.append("rows: sequences per step (sampler: prompts x group size). "
                "GiB per chip: args = params + optimizer state + batch (sharded), temp = "
                "activations and scratch, total = args + temp + outputs - donated aliases.")

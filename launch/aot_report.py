@@ -3,6 +3,9 @@ without TPUs (needs libtpu: pip install -e '.[tpu]').
 
   python -m launch.aot_report --sizes=qwen2.5-vl-7b --topologies=v5e:4x4 --tensor=2
   python -m launch.aot_report --sizes=qwen2.5-vl-72b --topologies=v5p:4x4x4 --tensor=4
+  # splash attention next to the einsum path:
+  python -m launch.aot_report --sizes=qwen2.5-vl-7b --topologies=v5e:4x4 --steps=sft,la-grpo \
+      --attention_impls=xla,splash
   # the smallest of several slices on which every step fits, per size:
   python -m launch.aot_report --sizes=qwen2.5-vl-3b,qwen2.5-vl-7b \
       --topologies=v5e:2x2,v5e:2x4,v5e:4x4 --smallest
@@ -33,6 +36,8 @@ flags.DEFINE_integer("chunk", 512, "Log-prob sequence chunk.")
 flags.DEFINE_integer("attention_chunk", 1024, "Decoder attention query chunk (0: off).")
 flags.DEFINE_integer("sampler_prompts", 0, "Prompts per rollout call (0: batch / group_size, "
                      "rounded up to the batch shards).")
+flags.DEFINE_list("attention_impls", ["xla"], "model.attention_impl values to compile "
+                  "(xla, splash); one report row per value.")
 flags.DEFINE_string("output", "", "Also write the reports as JSON lines to this file.")
 flags.DEFINE_bool("smallest", False, "Per size, try the slices in order of chip count and "
                   "stop at the first on which every step fits.")
@@ -47,17 +52,20 @@ def main(argv):
     topologies = sorted(topologies, key=aot.chip_count)
   for size in FLAGS.sizes:
     for topology in topologies:
-      try:
-        new = aot.compile_steps(
-            size, topology, mesh_shape={"data": FLAGS.data, "fsdp": FLAGS.fsdp,
-                                        "tensor": FLAGS.tensor},
-            batch=FLAGS.batch, length=FLAGS.length, patches=FLAGS.patches,
-            new_tokens=FLAGS.new_tokens, steps=tuple(FLAGS.steps), remat=FLAGS.remat,
-            chunk=FLAGS.chunk, group_size=FLAGS.group_size,
-            sampler_prompts=FLAGS.sampler_prompts or None,
-            attention_chunk=FLAGS.attention_chunk)
-      except Exception as e:  # one failing combination must not hide the others
-        print(f"{size} on {topology}: failed: {type(e).__name__}: {e}")
+      new = []
+      for impl in FLAGS.attention_impls:
+        try:
+          new += aot.compile_steps(
+              size, topology, mesh_shape={"data": FLAGS.data, "fsdp": FLAGS.fsdp,
+                                          "tensor": FLAGS.tensor},
+              batch=FLAGS.batch, length=FLAGS.length, patches=FLAGS.patches,
+              new_tokens=FLAGS.new_tokens, steps=tuple(FLAGS.steps), remat=FLAGS.remat,
+              chunk=FLAGS.chunk, group_size=FLAGS.group_size,
+              sampler_prompts=FLAGS.sampler_prompts or None,
+              attention_chunk=FLAGS.attention_chunk, attention_impl=impl)
+        except Exception as e:  # one failing combination must not hide the others
+          print(f"{size} on {topology} ({impl}): failed: {type(e).__name__}: {e}")
+      if not new:
         continue
       reports += new
       print(aot.format_table(reports), flush=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 _DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTION_IMPLS = ("xla", "cudnn", "splash")  # einsums | GPU cuDNN | TPU Pallas splash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,7 @@ class ModelConfig:
   dtype: str = "float32"
   remat: str = "none"
   attention_chunk: int = 0  # >0: decoder queries attend this many at a time (long contexts)
+  attention_impl: str = "xla"  # one of _ATTENTION_IMPLS (model/attention.py)
   hf_extra: str = "{}"
 
   def __post_init__(self):
@@ -112,6 +114,12 @@ def validate(config: ModelConfig) -> None:
     raise ValueError(f"model dtype {config.dtype!r} is not one of {_DTYPES}")
   if config.attention_chunk < 0:
     raise ValueError(f"model attention_chunk {config.attention_chunk} must be >= 0 (0: off)")
+  if config.attention_impl not in _ATTENTION_IMPLS:
+    raise ValueError(f"model attention_impl {config.attention_impl!r} is not one of "
+                     f"{_ATTENTION_IMPLS}")
+  if config.attention_impl == "cudnn" and config.dtype == "float32":
+    raise ValueError("model attention_impl 'cudnn' needs dtype bfloat16 or float16; got "
+                     "float32")
   if config.remat not in _REMAT_POLICIES:
     raise ValueError(f"model remat {config.remat!r} is not one of {_REMAT_POLICIES}")
   if t.hidden_size % t.num_attention_heads:

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atlas_jax.model import attention as attention_lib
+
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -89,39 +91,11 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-  b, t, n, h = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (h**-0.5)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-  return out.reshape(b, t, n, h)
-
-
-def attention(q: Array, k: Array, v: Array, mask: Array | None, chunk: int = 0) -> Array:
-  """Softmax attention with grouped kv heads; logits and softmax in fp32.
-
-  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S] (True = may attend) or None.
-  Returns [B, T, N, H]. A query row with nothing to attend to gets a uniform average
-  (never NaN); callers ignore such rows (padding).
-
-  chunk > 0 and T a multiple of it larger than it: queries are processed `chunk` at a time
-  (a `lax.map` of rematerialised blocks), so the fp32 logits held at once are
-  [B, N, chunk, S] instead of [B, N, T, S], in the forward and the backward pass. Exact:
-  each query row's softmax sees all of its keys.
-  """
-  t = q.shape[1]
-  if not chunk or t <= chunk or t % chunk:
-    return _attend(q, k, v, mask)
-  n = t // chunk
-  blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
-  body = jax.checkpoint(lambda qm: _attend(qm[0], k, v, qm[1]))  # qm[1] None: no mask
-  out = jax.lax.map(body, (blocks(q), None if mask is None else blocks(mask)))
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "xla", *,
+              return_probs: bool = False):
+  """Softmax attention by implementation; see `atlas_jax.model.attention.attention`."""
+  return attention_lib.attention(q, k, v, mask, chunk=chunk, impl=impl,
+                                 return_probs=return_probs)
 
 
 REMAT_POLICIES = {
@@ -140,8 +114,15 @@ def maybe_remat(block_cls: type[nn.Module], remat: str, static_argnums=()) -> ty
                   static_argnums=static_argnums)
 
 
+# The collection a layer sows its attention weights into when the caller makes it mutable
+# (`apply(..., mutable=[ATTENTION_COLLECTION])`); a scanned stack stacks them over layers.
+ATTENTION_COLLECTION = "attention_weights"
+
+
 def scan_layers(block_cls: type[nn.Module], length: int, in_axes) -> type[nn.Module]:
-  """nn.scan over `length` copies of a layer; stacked params get the `layers` axis."""
-  return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+  """nn.scan over `length` copies of a layer; stacked params get the `layers` axis (and
+  sown attention weights a leading [L] axis)."""
+  return nn.scan(block_cls, variable_axes={"params": 0, ATTENTION_COLLECTION: 0},
+                 split_rngs={"params": True},
                  in_axes=in_axes, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})

@@ -3,9 +3,14 @@
 Letters: B batch, T query length, S key/value length, D width, N query heads, K kv heads,
 H head dim, V vocab, L layers.
 
-The KV cache is an explicit pytree `{"k": [L, B, S, K, H], "v": [L, B, S, K, H]}`; a call
+The KV cache is an explicit pytree `{"k": [L, B, K, S, H], "v": [L, B, K, S, H]}`; a call
 with a cache writes this call's keys and values at `cache_index` and attends over all S
-slots under the caller's mask.
+slots under the caller's mask (always the "xla" attention path, which reads the head-major
+layout without a transpose). The stacked cache rides in the layer scan's *carry* (not as
+scanned input/output): layer l writes only its [B, K, T, H] slice with a
+dynamic_update_slice at (l, :, :, cache_index) and reads its own [B, K, S, H] layer back,
+so a decode step updates the buffer in place instead of rewriting all of it (a scanned-out
+cache is a fresh [L, B, S, K, H] array per call, copied once per token).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from atlas_jax.model import attention as attention_lib
 from atlas_jax.model import layers
 from atlas_jax.model.config import TextConfig
 
@@ -23,10 +29,19 @@ class DecoderLayer(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
   attention_chunk: int = 0
+  attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache_index, cache):
+  def __call__(self, carry, cos, sin, mask, cache_index, layer_index):
+    """carry: x float[B, T, D], or (x, cache): a stacked cache [L, B, K, S, H] with
+    layer_index int32[] (this layer's slot), or this layer's own [B, K, S, H] with None.
+    With the `layers.ATTENTION_COLLECTION` collection mutable, sows the attention weights
+    float32[B, N, T, S] as "probs"."""
+    x, cache = carry if isinstance(carry, tuple) else (carry, None)
     cfg = self.config
+    # Static: only a caller asking for the attention weights (the collection mutable)
+    # gets them; every other graph is unchanged.
+    want_probs = self.is_mutable_collection(layers.ATTENTION_COLLECTION)
     n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x)
     q = layers.dense((n, hd), -1, ("embed", "heads", "head_dim"),
@@ -37,13 +52,27 @@ class DecoderLayer(nn.Module):
                      bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="v")(h)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
-                                              cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
-                                              cache_index, axis=1)
-      cache = {"k": k, "v": v}
-    attn = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                            chunk=self.attention_chunk)
+      zero = jnp.zeros((), jnp.int32)
+      at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
+      if layer_index is not None:  # stacked [L, ...] cache: this layer's slot
+        at = (jnp.asarray(layer_index, jnp.int32),) + at
+      new = lambda x: jnp.swapaxes(x, 1, 2).reshape((1,) * (len(at) - 4) + (
+          x.shape[0], x.shape[2], x.shape[1], x.shape[3]))
+      cache = {name: jax.lax.dynamic_update_slice(cache[name], new(x).astype(
+          cache[name].dtype), at) for name, x in (("k", k), ("v", v))}
+      if layer_index is not None:
+        k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer_index, 0, keepdims=False)
+                for name in ("k", "v"))
+      else:
+        k, v = cache["k"], cache["v"]
+      attn = attention_lib.grouped(q, k.astype(q.dtype), v.astype(q.dtype),
+                                   attention_lib.as_dense(mask), want_probs)
+    else:
+      attn = layers.attention(q, k, v, mask, chunk=self.attention_chunk,
+                              impl=self.attention_impl, return_probs=want_probs)
+    if want_probs:
+      attn, probs = attn
+      self.sow(layers.ATTENTION_COLLECTION, "probs", probs)
     attn = checkpoint_name(attn, "attention_out")
     x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
                          dtype=self.dtype, name="o")(attn)
@@ -54,7 +83,7 @@ class DecoderLayer(nn.Module):
                           name="mlp")(h)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
-    return x, cache
+    return ((x, cache) if cache is not None else x), None
 
 
 class Decoder(nn.Module):
@@ -64,14 +93,45 @@ class Decoder(nn.Module):
   dtype: jnp.dtype
   remat: str = "none"
   attention_chunk: int = 0
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache_index=None, cache=None):
+    """With a cache (prefill, decode): returns it updated; else returns None for it."""
     cfg = self.config
     block = layers.maybe_remat(DecoderLayer, self.remat)
-    cache_axis = nn.broadcast if cache is None else 0
+    if cache is None:
+      layer_index, index_axis = None, nn.broadcast
+    else:
+      layer_index, index_axis = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), 0
     stack = layers.scan_layers(block, cfg.num_hidden_layers,
-                               in_axes=(nn.broadcast,) * 4 + (cache_axis,))
-    x, cache = stack(cfg, self.dtype, self.attention_chunk, name="layers")(x, cos, sin, mask, cache_index, cache)
+                               in_axes=(nn.broadcast,) * 4 + (index_axis,))
+    carry, _ = stack(cfg, self.dtype, self.attention_chunk, self.attention_impl,
+                     name="layers")(x if cache is None else (x, cache), cos, sin, mask,
+                                    cache_index, layer_index)
+    x, cache = carry if cache is not None else (carry, None)
     x = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
     return x, cache
+
+
+def split_layers(layer_params, num_layers: int) -> tuple:
+  """Stacked layer params ([L, ...] leaves) as a tuple of L per-layer pytrees (one copy)."""
+  return tuple(jax.tree.map(lambda x, i=i: x[i], layer_params) for i in range(num_layers))
+
+
+def decode_layers(config: TextConfig, dtype, layer_params: tuple, x, cos, sin, mask,
+                  cache_index, caches: tuple):
+  """The decoder layers unrolled over per-layer params and caches (the decode step).
+
+  A scanned step slices every layer's weights out of the stack (a copy of all weights per
+  token on CPU) and its cache; here each layer's weights and its own cache
+  {"k", "v"}: [B, K, S, H] are separate loop invariants / loop state, so a decode loop
+  reads the weights in place and writes one [B, K, T, H] slice per layer in place.
+  x: float[B, T, D]; returns (x before the final norm, the updated caches tuple).
+  """
+  layer = DecoderLayer(config, dtype)
+  new = []
+  for p, cache in zip(layer_params, caches):
+    (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index, None)
+    new.append(cache)
+  return x, tuple(new)

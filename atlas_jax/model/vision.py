@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from atlas_jax.model import layers, rope
+from atlas_jax.model import attention, layers, rope
 from atlas_jax.model.config import VisionConfig
 
 
@@ -57,6 +57,7 @@ def patch_layout(image_grid_thw, num_patches: int, config: VisionConfig):
 class VisionBlock(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, cos, sin, window_id, frame_id, is_full):
@@ -69,7 +70,8 @@ class VisionBlock(nn.Module):
                        bias_axes=(None, "heads", "head_dim"), dtype=self.dtype, name="qkv")(h)
     q, k, v = (qkv[:, i][None] for i in range(3))  # [1, P, N, H]
     q, k = layers.apply_rope(q, cos[None], sin[None]), layers.apply_rope(k, cos[None], sin[None])
-    attn = layers.attention(q, k, v, mask[None])[0]
+    segments = attention.Mask(dense=mask[None], segment_ids=seg[None])
+    attn = layers.attention(q, k, v, segments, impl=self.attention_impl)[0]
     x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
                          bias_axes=("embed",), dtype=self.dtype, name="out")(attn)
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm2")(x)
@@ -84,6 +86,7 @@ class VisionTower(nn.Module):
   config: VisionConfig
   dtype: jnp.dtype
   remat: str = "none"
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, pixel_values, image_grid_thw):
@@ -101,7 +104,7 @@ class VisionTower(nn.Module):
         cfg.fullatt_block_indexes, jnp.int32)].set(True)
     block = layers.maybe_remat(VisionBlock, self.remat)
     blocks = layers.scan_layers(block, cfg.depth, in_axes=(nn.broadcast,) * 4 + (0,))
-    x, _ = blocks(cfg, self.dtype, name="blocks")(x, cos, sin, window_id, frame_id, is_full)
+    x, _ = blocks(cfg, self.dtype, self.attention_impl, name="blocks")(x, cos, sin, window_id, frame_id, is_full)
 
     # Patch merger: norm, group each 2x2 unit, MLP to the decoder width.
     x = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="merger_norm")(x)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.model import layers, rope
+from atlas_jax.model import attention, layers, rope
 from atlas_jax.model.config import ModelConfig
 from atlas_jax.model.text import Decoder
 from atlas_jax.model.vision import VisionTower
@@ -40,11 +40,11 @@ class Qwen25VL(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
-    self.visual = VisionTower(cfg.vision, dtype, cfg.remat)
+    self.visual = VisionTower(cfg.vision, dtype, cfg.remat, cfg.attention_impl)
     self.embed = nn.Embed(
         cfg.text.vocab_size, cfg.text.hidden_size, dtype=dtype, param_dtype=jnp.float32,
         embedding_init=layers.logical_init(layers.DEFAULT_INIT, ("vocab", "embed")))
-    self.decoder = Decoder(cfg.text, dtype, cfg.remat, cfg.attention_chunk)
+    self.decoder = Decoder(cfg.text, dtype, cfg.remat, cfg.attention_chunk, cfg.attention_impl)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.text.vocab_size, -1, ("embed", "vocab"), dtype=dtype,
                                   name="lm_head")
@@ -100,6 +100,14 @@ def causal_mask(attention_mask):
   return causal[None] & attention_mask.astype(bool)[:, None, :]
 
 
+def text_mask(attention_mask) -> attention.Mask:
+  """The causal padding mask of a batch, dense (bool[B, T, T]) and structured (segment ids
+  = attention_mask, causal) for the attention kernels."""
+  attention_mask = jnp.asarray(attention_mask)
+  return attention.Mask(dense=causal_mask(attention_mask),
+                        segment_ids=attention_mask.astype(jnp.int32), causal=True)
+
+
 def _is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
@@ -133,8 +141,9 @@ def _check_sample(config, ids, num_rows, grid, where):
 
 
 def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values=None,
-            image_grid_thw=None, position_ids=None):
-  """Logits of a batch.
+            image_grid_thw=None, position_ids=None, *, return_attention: bool = False,
+            attention_layers: tuple[int, ...] | None = None):
+  """Logits of a batch (and, when asked, the decoder's attention weights).
 
   Args:
     config: static ModelConfig (hashable; use `jax.jit(forward, static_argnums=0)`).
@@ -145,9 +154,15 @@ def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values
     image_grid_thw: int[I, 3] (zero rows = padding images), or int[B, I, 3], or None.
     position_ids: int[3, B, T] M-RoPE ids; computed in-graph with `get_rope_index` when
       None (the data pipeline precomputes them on the host).
+    return_attention: static; also return the decoder's attention weights, computed by the
+      same layer code as training (the "xla" attention path, whatever attention_impl is).
+    attention_layers: static; the decoder layers whose weights to return (None: all).
   Returns:
-    float32[B, T, V] logits.
+    float32[B, T, V] logits; with return_attention, (logits, float32[L, B, N, T, S]): per
+    selected layer, each query head's softmax over the keys (rows of padding queries are
+    meaningless).
   """
+  layer_ids = _layer_ids(config, attention_layers) if return_attention else ()
   if _is_concrete(input_ids, image_grid_thw):
     check_image_inputs(config, input_ids, pixel_values, image_grid_thw)
   if position_ids is None:
@@ -155,9 +170,27 @@ def forward(config: ModelConfig, params, input_ids, attention_mask, pixel_values
     position_ids, _ = rope.get_rope_index(
         input_ids, attention_mask, grid, image_token_id=config.image_token_id,
         spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
-  return Qwen25VL(config).apply({"params": params}, jnp.asarray(input_ids),
-                                jnp.asarray(position_ids), causal_mask(jnp.asarray(attention_mask)),
-                                pixel_values, image_grid_thw)
+  inputs = (jnp.asarray(input_ids), jnp.asarray(position_ids), text_mask(attention_mask),
+            pixel_values, image_grid_thw)
+  if not return_attention:
+    return Qwen25VL(config).apply({"params": params}, *inputs)
+  logits, sown = Qwen25VL(config).apply({"params": params}, *inputs,
+                                        mutable=[layers.ATTENTION_COLLECTION])
+  (probs,) = sown[layers.ATTENTION_COLLECTION]["decoder"]["layers"]["probs"]  # [L, B, N, T, S]
+  if layer_ids != tuple(range(config.text.num_hidden_layers)):
+    probs = probs[np.asarray(layer_ids)]
+  return logits, probs
+
+
+def _layer_ids(config: ModelConfig, attention_layers) -> tuple[int, ...]:
+  n = config.text.num_hidden_layers
+  if attention_layers is None:
+    return tuple(range(n))
+  ids = tuple(int(i) for i in attention_layers)
+  if not ids or any(not 0 <= i < n for i in ids):
+    raise ValueError(f"attention_layers {attention_layers!r} must be a non-empty tuple of "
+                     f"decoder layer indices in [0, {n})")
+  return ids
 
 
 def _dummy_inputs(config: ModelConfig):

@@ -26,7 +26,7 @@ def model_hidden(config: ModelConfig, params, batch):
   model = vlm.Qwen25VL(config)
   hidden, _ = model.apply(
       {"params": params}, batch["input_ids"], jnp.transpose(batch["position_ids"], (1, 0, 2)),
-      vlm.causal_mask(batch["attention_mask"]), batch.get("pixel_values"),
+      vlm.text_mask(batch["attention_mask"]), batch.get("pixel_values"),
       batch.get("image_grid_thw"), method=vlm.Qwen25VL.hidden_states)
   return hidden
 
@@ -35,8 +35,9 @@ def chunked_token_stats(config: ModelConfig, params, hidden, targets, chunk: int
                         temperature: float = 1.0):
   """Per-token statistics of `targets` under the model, one sequence chunk at a time.
 
-  Never materialises float[B, T, V]: each chunk's logits are computed, reduced and dropped
-  (and recomputed in the backward pass).
+  Never materialises float[B, T, V] (unless chunk >= T): each chunk's logits are computed,
+  reduced and dropped (and recomputed in the backward pass). A single chunk is not
+  rematerialised: the backward pass needs its softmax either way.
   Returns float32[B, T] dicts: `logp` (log-prob of the target), `entropy`, and int32[B, T]
   `argmax`.
   """
@@ -46,7 +47,6 @@ def chunked_token_stats(config: ModelConfig, params, hidden, targets, chunk: int
     raise ValueError(f"sequence length {t} is not a multiple of the log-prob chunk {chunk}")
   model = vlm.Qwen25VL(config)
 
-  @jax.checkpoint
   def stats(h, y):  # h [B, C, D], y [B, C]
     logits = model.apply({"params": params}, h, method=vlm.Qwen25VL.logits) / temperature
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -55,6 +55,10 @@ def chunked_token_stats(config: ModelConfig, params, hidden, targets, chunk: int
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     return logp, entropy, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+  if chunk == t:  # one chunk: its logits are needed anyway; no recompute in the backward
+    logp, entropy, argmax = stats(hidden, targets)
+    return {"logp": logp, "entropy": entropy, "argmax": argmax}
+  stats = jax.checkpoint(stats)
   hs = hidden.reshape(b, t // chunk, chunk, d).swapaxes(0, 1)
   ys = targets.reshape(b, t // chunk, chunk).swapaxes(0, 1)
   logp, entropy, argmax = jax.lax.map(lambda a: stats(*a), (hs, ys))

@@ -1,0 +1,176 @@
+"""Softmax attention behind one function, by implementation (`model.attention_impl`).
+
+Letters: B batch, T query length, S key/value length, N query heads, K kv heads, G query
+heads per kv head (N = K*G), H head dim, Q = G*T (a kv head's queries, flattened).
+
+* "xla": einsums, on any backend. Queries are grouped per kv head as [B, K, G*T, H] so both
+  products are plain batched matmuls over (B, K) (no repeated kv heads, no 5-D dot).
+* "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; fp16/bf16).
+* "splash": Pallas splash attention (TPU): causal and/or segment masks built inside the
+  kernel from `Mask.segment_ids`, GQA as one multi-query kernel per kv head.
+
+The mask is either a dense bool[B, T, S] (True = may attend) or a `Mask`, which carries
+the dense form and, when the caller knows it, its structure (segment ids, causality) that
+the kernels need. Decode (T = 1 against a cache) always takes the "xla" path: one query
+per row is a matrix-vector product that no kernel improves; "splash" also leaves the
+sampler's prefill (T < S, dense mask only) to it. Off TPU, splash runs in Pallas interpret
+mode (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+
+
+@flax.struct.dataclass
+class Mask:
+  """Who may attend to whom.
+
+  dense: bool[B, T, S] (True = may attend), the definition. segment_ids: int32[B, S] or
+  None; with it, query t (at key slot t; T == S) may attend key s iff their segment ids are
+  equal and, if `causal`, s <= t. Kernels use the structure; rows whose dense mask is all
+  False (padding) may then differ, which callers ignore.
+  """
+
+  dense: Array
+  segment_ids: Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def as_dense(mask) -> Array | None:
+  return mask.dense if isinstance(mask, Mask) else mask
+
+
+def _xla(q: Array, k: Array, v: Array, mask: Array | None, return_probs: bool = False):
+  return grouped(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, return_probs)
+
+
+def grouped(q: Array, k: Array, v: Array, mask: Array | None, return_probs: bool = False):
+  """The "xla" path with keys and values head-major: q [B, T, N, H], k, v [B, K, S, H]
+  (the KV cache's layout, read without a transpose), mask bool[B, T, S] or None.
+  Returns [B, T, N, H]; with `return_probs`, also the softmax float32[B, N, T, S]
+  (the attention weights, before the cast to v's dtype)."""
+  b, t, n, h = q.shape
+  kv, s = k.shape[1], k.shape[2]
+  g = n // kv
+  q = jnp.transpose(q.reshape(b, t, kv, g, h), (0, 2, 3, 1, 4)).reshape(b, kv, g * t, h)
+  logits = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (h**-0.5)
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None], logits.reshape(b, kv, g, t, s), NEG_INF)
+    logits = logits.reshape(b, kv, g * t, s)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKQS,BKSH->BKQH", probs.astype(v.dtype), v)
+  out = jnp.transpose(out.reshape(b, kv, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+  if return_probs:
+    return out, probs.reshape(b, n, t, s)
+  return out
+
+
+def _cudnn(q, k, v, mask, implementation="cudnn"):
+  dense = as_dense(mask)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=None if dense is None else dense[:, None], implementation=implementation)
+
+
+def _splash_kernel(groups: int, t: int, s: int, causal: bool, interpret: bool, block: int):
+  """The kernel for one shape, built afresh in each trace (once per compile): the kernel
+  keeps its mask tables as arrays, so a kernel cached across traces would carry one
+  trace's tracers into the next (UnexpectedTracerError under scanned layers)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  one = splash.CausalMask((t, s)) if causal else splash.FullMask((t, s))
+  sizes = None
+  if block:
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block,
+                              block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mqa_single_device(
+      splash.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret)
+
+
+def _splash(q, k, v, mask, *, interpret=False):
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  if not isinstance(mask, Mask) or mask.segment_ids is None:
+    raise ValueError("attention_impl 'splash' needs a Mask with segment_ids (the "
+                     "structured mask); got a dense mask only")
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  if t != s:
+    raise ValueError(f"attention_impl 'splash' needs query length == key length; got T={t}, "
+                     f"S={s}")
+  g = n // kv
+  # The kernel tiles by 128 (512 when the length allows): pad to a multiple, the padding
+  # in a segment of its own, and drop it after.
+  tp = -(-t // 128) * 128
+  block = 512 if tp % 512 == 0 else 128
+  kernel = _splash_kernel(g, tp, tp, mask.causal, interpret, block)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv, g, h)
+  q = jnp.transpose(pad(q), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+  k, v = jnp.swapaxes(pad(k), 1, 2), jnp.swapaxes(pad(v), 1, 2)  # [B, K, S, H]
+  seg = jnp.pad(mask.segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)),
+                constant_values=jnp.iinfo(jnp.int32).min)
+
+  def one_row(qb, kb, vb, sb):  # [K, G, T, H], [K, S, H], [K, S, H], [S]
+    ids = splash.SegmentIds(q=sb, kv=sb)
+    return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qb, kb, vb)
+
+  out = jax.vmap(one_row)(q, k, v, seg)[:, :, :, :t]  # [B, K, G, T, H]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(v.dtype)
+
+
+def _structured(mask, t: int, s: int) -> bool:
+  return isinstance(mask, Mask) and mask.segment_ids is not None and t == s
+
+
+def _one_block(q, k, v, mask, impl: str, return_probs: bool = False):
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention_impl {impl!r} is not one of {IMPLEMENTATIONS}")
+  if impl == "splash" and not _structured(mask, q.shape[1], k.shape[1]):
+    impl = "xla"  # against a cache (prefill, decode): the mask is dense only
+  if impl == "xla" or q.shape[1] == 1 or return_probs:
+    return _xla(q, k, v, as_dense(mask), return_probs)
+  if impl == "cudnn":
+    return _cudnn(q, k, v, mask)
+  return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+
+
+def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "xla", *,
+              return_probs: bool = False):
+  """Softmax attention with grouped kv heads; logits and softmax in fp32.
+
+  q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S], a `Mask`, or None.
+  Returns [B, T, N, H]. With "xla", a query row with nothing to attend to gets a uniform
+  average (never NaN); callers ignore such rows (padding).
+
+  return_probs (static): also return the attention weights float32[B, N, T, S]. The
+  kernels do not expose them, so this always takes the "xla" path (the one computing the
+  softmax explicitly, as in training on CPU or with attention_impl "xla").
+
+  chunk > 0 and T a multiple of it larger than it ("xla" only): queries are processed
+  `chunk` at a time (a `lax.map` of rematerialised blocks), so the fp32 logits held at once
+  are [B, N, chunk, S] instead of [B, N, T, S], in the forward and the backward pass.
+  Exact: each query row's softmax sees all of its keys.
+  """
+  t = q.shape[1]
+  if return_probs:
+    impl = "xla"
+  if impl != "xla" or not chunk or t <= chunk or t % chunk:
+    return _one_block(q, k, v, mask, impl, return_probs)
+  dense = as_dense(mask)
+  n = t // chunk
+  blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+  # qm[1] None: no mask
+  body = jax.checkpoint(lambda qm: _xla(qm[0], k, v, qm[1], return_probs))
+  out = jax.lax.map(body, (blocks(q), None if dense is None else blocks(dense)))
+  if not return_probs:
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+  out, probs = out  # probs [n, B, N, chunk, S]
+  probs = jnp.moveaxis(probs, 0, 2).reshape(probs.shape[1], probs.shape[2], t, -1)
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape), probs

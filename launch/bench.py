@@ -1,0 +1,360 @@
+"""atlas_jax against transformers, side by side in one process, on the same random weights
+and the same batch: greedy rollout, SFT step and LA-GRPO update.
+
+  python -m launch.bench                       # the small and the wide model
+  python -m launch.bench --models=small --batch=8 --prompt_text=48 --new_tokens=64
+  python -m launch.bench --decode_lengths=128,512,1024,2048   # decode ms/token vs cache
+
+Each model is built with transformers' Qwen2_5_VLConfig, randomised, saved in HF layout and
+loaded by `atlas_jax.hf.load`; both sides then run on that checkpoint. Throughputs are
+tokens per second with compile (and torch's first call) excluded, the median of --repeats
+runs; the ratio is atlas_jax / transformers. The fraction of matmul peak is the step's
+analytic FLOPs (dense matmuls and attention scores as computed: 2 per weight per token
+forward, x3 with the backward pass) per second over a timed 2048^2 fp32 matmul.
+transformers gets `mm_token_type_ids`, without which it silently uses 1-D positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app, flags
+import numpy as np
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["small", "wide"], "Model sizes from MODELS.")
+flags.DEFINE_integer("batch", 8, "Rows per batch.")
+flags.DEFINE_integer("prompt_text", 48, "Text tokens per prompt (plus the image's).")
+flags.DEFINE_integer("image_side", 8, "Image side in patches (14 px); tokens = side^2 / 4.")
+flags.DEFINE_integer("new_tokens", 64, "Greedy tokens generated per row (no early stop).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (the median is reported).")
+flags.DEFINE_list("steps", ["rollout", "sft", "la-grpo"], "What to time.")
+flags.DEFINE_list("decode_lengths", [], "Also time atlas_jax decode ms/token at these cache "
+                  "lengths (prompt + new tokens), e.g. 128,512,2048.")
+flags.DEFINE_string("attention_impl", "xla", "atlas_jax model.attention_impl.")
+flags.DEFINE_string("remat", "none", "atlas_jax model.remat.")
+flags.DEFINE_string("hf_dir", "", "Where to save the HF models (default: a temp dir).")
+
+# text: width, layers, heads, kv heads, MLP, vocab; vision: blocks, width, heads, MLP.
+MODELS = {
+    "small": dict(hidden=512, layers=8, heads=8, kv_heads=2, mlp=1408, vocab=8192,
+                  v_depth=4, v_hidden=256, v_heads=4, v_mlp=512),
+    "wide": dict(hidden=1024, layers=4, heads=16, kv_heads=4, mlp=2816, vocab=8192,
+                 v_depth=4, v_hidden=256, v_heads=4, v_mlp=512),
+}
+IMAGE, VIDEO, V_START, V_END = 8000, 8001, 8002, 8003
+
+
+def hf_model(spec: dict, seed: int = 0):
+  import torch
+  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+  cfg = Qwen2_5_VLConfig(
+      text_config=dict(
+          vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["mlp"],
+          num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+          num_key_value_heads=spec["kv_heads"], rms_norm_eps=1e-6,
+          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                           "mrope_section": _mrope(spec["hidden"] // spec["heads"])},
+          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2),
+      vision_config=dict(
+          depth=spec["v_depth"], hidden_size=spec["v_hidden"], intermediate_size=spec["v_mlp"],
+          num_heads=spec["v_heads"], out_hidden_size=spec["hidden"], window_size=56,
+          fullatt_block_indexes=[spec["v_depth"] - 1], patch_size=14, spatial_merge_size=2,
+          temporal_patch_size=2),
+      image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START,
+      vision_end_token_id=V_END, tie_word_embeddings=False)
+  torch.manual_seed(seed)
+  model = Qwen2_5_VLForConditionalGeneration._from_config(
+      cfg, attn_implementation="sdpa", dtype=torch.float32)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def _mrope(head_dim: int) -> list[int]:
+  half = head_dim // 2
+  t = half // 4
+  return [t, (half - t) // 2, half - t - (half - t) // 2]
+
+
+def make_batch(rng, batch: int, text: int, side: int, patch_dim: int):
+  """Equal-length prompts: `text` random tokens around one side x side-patch image."""
+  units = side * side // 4
+  rows = []
+  for _ in range(batch):
+    words = rng.integers(3, 7900, text).tolist()
+    rows.append(words[: text // 2] + [V_START] + [IMAGE] * units + [V_END] + words[text // 2:])
+  ids = np.asarray(rows, np.int64)
+  pixels = rng.normal(size=(batch, side * side, patch_dim)).astype(np.float32)
+  grid = np.tile(np.asarray([[[1, side, side]]], np.int64), (batch, 1, 1))
+  return ids, np.ones_like(ids), pixels, grid
+
+
+def timed(fn, repeats: int):
+  """(first call seconds, median of `repeats` further calls); fn blocks until done."""
+  t0 = time.perf_counter()
+  out = fn()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return first, statistics.median(times), out
+
+
+def matmul_peak() -> tuple[float, float]:
+  """fp32 2048^2 matmul GFLOP/s of jnp and torch."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  _, jt, _ = timed(lambda: f(a).block_until_ready(), 5)
+  ta = torch.ones(n, n)
+  _, tt, _ = timed(lambda: ta @ ta, 5)
+  return 2 * n**3 / jt / 1e9, 2 * n**3 / tt / 1e9
+
+
+def forward_flops(config, rows: int, length: int, patches: int) -> float:
+  """Analytic forward FLOPs of `rows` sequences (dense attention, as both sides compute)."""
+  t, v = config.text, config.vision
+  layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+           + t.num_attention_heads * t.head_dim * t.hidden_size
+           + 3 * t.hidden_size * t.intermediate_size)
+  text = 2 * length * (t.num_hidden_layers * layer + t.hidden_size * t.vocab_size)
+  text += 4 * t.num_hidden_layers * t.hidden_size * length * length
+  vlayer = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size
+  merged = 4 * v.hidden_size
+  vision = 2 * patches * (v.depth * vlayer + v.patch_dim * v.hidden_size)
+  vision += 4 * v.depth * v.hidden_size * patches * patches
+  vision += 2 * (patches // 4) * (merged * merged + merged * v.out_hidden_size)
+  return rows * (text + vision)
+
+
+@dataclasses.dataclass
+class Row:
+  model: str
+  step: str
+  hf_tok_s: float
+  jax_tok_s: float
+  hf_first_s: float
+  jax_compile_s: float
+  goal: float
+  peak_frac: float = 0.0
+
+  @property
+  def ratio(self) -> float:
+    return self.jax_tok_s / self.hf_tok_s
+
+
+def bench_model(name: str, spec: dict, peak: float, out_dir: str) -> list[Row]:
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  from atlas_jax import hf
+  from atlas_jax.model import rope
+  from atlas_jax.rl import sampler as sampler_lib
+  from atlas_jax.rl.update import rl_step
+  from atlas_jax.train import optimizer as optimizer_lib
+  from atlas_jax.train.sft import sft_step
+  from atlas_jax.train.state import TrainState
+  from atlas_jax import aot
+
+  model = hf_model(spec)
+  path = os.path.join(out_dir, name)
+  model.save_pretrained(path)
+  config, params = hf.load(path, dtype="float32")
+  config = config.replace(remat=FLAGS.remat, **_impl_kwargs(config))
+  n_params = sum(p.numel() for p in model.parameters())
+  print(f"\n== {name}: {n_params / 1e6:.1f}M params, text {spec['hidden']} x "
+        f"{spec['layers']} layers, GQA {spec['heads']}/{spec['kv_heads']}, vocab "
+        f"{spec['vocab']}; vision {spec['v_depth']} x {spec['v_hidden']}", flush=True)
+
+  rng = np.random.default_rng(0)
+  b, n = FLAGS.batch, FLAGS.new_tokens
+  ids, mask, pixels, grid = make_batch(rng, b, FLAGS.prompt_text, FLAGS.image_side,
+                                       config.vision.patch_dim)
+  t_prompt = ids.shape[1]
+  mm = lambda x: torch.from_numpy((x == IMAGE).astype(np.int64))
+  hf_inputs = dict(pixel_values=torch.from_numpy(pixels.reshape(-1, pixels.shape[-1])),
+                   image_grid_thw=torch.from_numpy(grid.reshape(-1, 3)))
+  rows: list[Row] = []
+
+  # Rollout: greedy, no early stop.
+  model.eval()
+  model.generation_config.eos_token_id = None
+  gen = lambda: model.generate(input_ids=torch.from_numpy(ids),
+                               attention_mask=torch.from_numpy(mask), mm_token_type_ids=mm(ids),
+                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=2, **hf_inputs)
+  with torch.no_grad():
+    hf_first, hf_t, hf_out = timed(gen, FLAGS.repeats)
+  want = hf_out[:, t_prompt:].numpy()
+  settings = sampler_lib.SamplerSettings(max_new_tokens=n, greedy=True, stop_ids=(), pad_id=2)
+  sampler = sampler_lib.Sampler(config, settings, np.ones(config.text.vocab_size, bool))
+  batch = dict(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32),
+               pixel_values=jnp.asarray(pixels), image_grid_thw=jnp.asarray(grid, jnp.int32))
+  key = jax.random.key(0)
+  sample = lambda: jax.block_until_ready(sampler.sample(params, batch, key))
+  jax_first, jax_t, got = timed(sample, FLAGS.repeats)
+  got = np.asarray(got["tokens"])
+  same_rows = int((got == want).all(1).sum())
+  same_tokens = float((got == want).mean())
+  print(f"rollout: greedy tokens equal in {same_rows}/{b} rows ({same_tokens:.1%} of tokens)")
+  if "rollout" in FLAGS.steps:
+    rows.append(Row(name, "rollout (new tok/s)", b * n / hf_t, b * n / jax_t, hf_first,
+                    jax_first, 3.0))
+  assert same_rows == b, "greedy tokens differ from transformers'"
+
+  # Training rows: prompt + the greedy completion.
+  full = np.concatenate([ids, want], axis=1)
+  full_mask = np.ones_like(full)
+  t_full = full.shape[1]
+  flops = 3 * forward_flops(config, b, t_full, pixels.shape[1])
+  optim = aot.default_optim()
+  optimizer = optimizer_lib.make_optimizer(optim)
+  torch_opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
+                                eps=optim.eps, weight_decay=optim.weight_decay)
+  labels = torch.from_numpy(np.where(np.arange(t_full)[None] >= t_prompt, full, -100))
+
+  def torch_step():
+    torch_opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=torch.from_numpy(full), attention_mask=torch.from_numpy(full_mask),
+                 mm_token_type_ids=mm(full), labels=labels, **hf_inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
+    torch_opt.step()
+    return loss
+
+  model.train()
+  hf_first, hf_t, _ = timed(torch_step, FLAGS.repeats)
+  hf_tok_s = b * t_full / hf_t
+
+  pos, _ = rope.get_rope_index(full, full_mask, grid.reshape(-1, 3), image_token_id=IMAGE,
+                               spatial_merge_size=2, xp=np)
+  common = dict(input_ids=jnp.asarray(full, jnp.int32),
+                attention_mask=jnp.asarray(full_mask, jnp.int32),
+                pixel_values=jnp.asarray(pixels), image_grid_thw=jnp.asarray(grid, jnp.int32))
+  completion = jnp.asarray(np.arange(t_full)[None] >= t_prompt, jnp.int32).repeat(b, 0)
+  functional_ids = jnp.asarray([7000, 7001], jnp.int32)
+
+  def run_state_step(step_fn, step_batch):
+    step = jax.jit(step_fn, donate_argnums=0)
+    holder = [TrainState.create(jax.tree.map(jnp.copy, params), optimizer, 0)]
+
+    def once():
+      holder[0], metrics = step(holder[0], step_batch)
+      jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    compiled = step.lower(holder[0], step_batch).compile()
+    compile_s = time.perf_counter() - t0
+    del compiled
+    _, t, _ = timed(once, FLAGS.repeats)
+    return compile_s, t
+
+  if "sft" in FLAGS.steps:
+    sft_batch = dict(common, loss_mask=completion,
+                     position_ids=jnp.asarray(np.transpose(pos, (1, 0, 2)), jnp.int32))
+    c, t = run_state_step(functools.partial(sft_step, config=config, optimizer=optimizer,
+                                            functional_ids=functional_ids, chunk=t_full),
+                          sft_batch)
+    rows.append(Row(name, "SFT step (tok/s)", hf_tok_s, b * t_full / t, hf_first, c, 1.2,
+                    flops / t / 1e9 / peak))
+  if "la-grpo" in FLAGS.steps:
+    logp = jnp.asarray(rng.normal(size=(b, t_full)) * 0.1 - 3.0, jnp.float32)
+    rl_batch = dict(common, completion_mask=completion, old_logp=logp, sampler_logp=logp,
+                    advantages=jnp.asarray(rng.normal(size=(b,)), jnp.float32))
+    rl = aot.default_rl()
+    rl.alpha = 0.1
+    c, t = run_state_step(functools.partial(rl_step, config=config, optimizer=optimizer, rl=rl,
+                                            functional_ids=functional_ids, chunk=t_full),
+                          rl_batch)
+    rows.append(Row(name, "LA-GRPO update (tok/s)", hf_tok_s, b * t_full / t, hf_first, c,
+                    1.2, flops / t / 1e9 / peak))
+  if FLAGS.decode_lengths:
+    decode_vs_length(config, params, batch, [int(s) for s in FLAGS.decode_lengths])
+  return rows
+
+
+def _impl_kwargs(config) -> dict:
+  if FLAGS.attention_impl == "xla" and not hasattr(config, "attention_impl"):
+    return {}
+  return dict(attention_impl=FLAGS.attention_impl)
+
+
+def decode_vs_length(config, params, batch, lengths):
+  """atlas_jax decode ms per step at several cache lengths S (prompt + new tokens): the
+  cache update should not grow with S; only attention's reads of the cache do."""
+  import jax
+
+  from atlas_jax.rl import sampler as sampler_lib
+  t = batch["input_ids"].shape[1]
+  print("decode (atlas_jax): cache length S -> ms per step for all rows "
+        "(32 steps timed after prefill)")
+  for s in lengths:
+    n = s - t
+    settings = sampler_lib.SamplerSettings(max_new_tokens=n, greedy=True, stop_ids=(), pad_id=2)
+    allowed = jax.numpy.ones(config.text.vocab_size, bool)
+    state = sampler_lib._prefill_jit(config, params, batch["input_ids"], batch["attention_mask"],
+                                     batch["pixel_values"], batch["image_grid_thw"],
+                                     jax.random.key(0), allowed, settings=settings)
+    # Time 32 steps by starting the loop 32 steps before its end.
+    start = max(n - 32, 1)
+    run = lambda st: jax.block_until_ready(sampler_lib._decode_jit(
+        config, params, st, allowed, settings=settings))
+    fresh = lambda: jax.tree.map(lambda x: x.copy(), state.replace(
+        step=jax.numpy.asarray(start, jax.numpy.int32)))
+    run(fresh())  # compile
+    times = []
+    for _ in range(FLAGS.repeats):
+      st = fresh()
+      jax.block_until_ready(st)
+      t0 = time.perf_counter()
+      run(st)
+      times.append(time.perf_counter() - t0)
+    print(f"  S={s:>6}: {statistics.median(times) / (n - start) * 1e3:8.2f} ms/step")
+
+
+def format_rows(rows: list[Row], peak_jax: float, peak_torch: float) -> str:
+  head = (f"| model | step | transformers | atlas_jax | ratio | goal | torch first call s | "
+          f"jax compile s | SFT/update % of matmul peak |")
+  lines = [f"matmul peak (fp32 2048^2): jnp {peak_jax:.0f} GFLOP/s, torch {peak_torch:.0f} "
+           "GFLOP/s", head, "|" + "---|" * 9]
+  for r in rows:
+    frac = f"{r.peak_frac:.0%}" if r.peak_frac else ""
+    met = "met" if r.ratio >= r.goal else "not met"
+    lines.append(f"| {r.model} | {r.step} | {r.hf_tok_s:.0f} | {r.jax_tok_s:.0f} | "
+                 f"{r.ratio:.2f}x | >= {r.goal:g}x ({met}) | {r.hf_first_s:.2f} | "
+                 f"{r.jax_compile_s:.2f} | {frac} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  import torch
+  torch.manual_seed(0)
+  peak_jax, peak_torch = matmul_peak()
+  out_dir = FLAGS.hf_dir or tempfile.mkdtemp(prefix="atlas_bench_")
+  rows = []
+  for name in FLAGS.models:
+    if name not in MODELS:
+      raise ValueError(f"--models has {name!r}; expected names from {sorted(MODELS)}")
+    rows += bench_model(name, MODELS[name], peak_jax, out_dir)
+    print(format_rows(rows, peak_jax, peak_torch), flush=True)
+  print("\nSFT/update % of matmul peak: analytic step FLOPs / time / jnp matmul peak "
+        "(goal >= 60%). transformers' torch step is one number for both rows "
+        "(fwd + bwd + AdamW on the same rows).")
+
+
+if __name__ == "__main__":
+  app.run(main)
