@@ -11,4 +11,5 @@ training.
   load         a model from a training workdir, an orbax directory or a HF directory
   in_training  config.eval inside the SFT and RL loops (metrics, best checkpoint)
   writers      items back out as VLMEvalKit TSV or HF parquet
+  attention_maps  each functional token's attention to the image, one PNG per example
 """
