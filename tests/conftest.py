@@ -4,7 +4,7 @@ Every compiled executable of a test session goes to one persistent JAX compilati
 (a fresh temporary directory per session, or $ATLAS_TEST_JAX_CACHE to keep it between
 sessions), shared by the pytest workers and the subprocesses the tests start: the suite
 compiles many identical steps (resume checks run the same loop three times), and each is
-compiled once.
+compiled once. LLVM runs at -O0 (`factories.TEST_XLA_FLAGS`) unless XLA_FLAGS is set.
 """
 
 import atexit
@@ -12,7 +12,10 @@ import os
 import shutil
 import tempfile
 
+from tests import factories  # numpy only: nothing has read XLA_FLAGS yet
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", factories.xla_flags())
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = os.environ.get("ATLAS_TEST_JAX_CACHE")
   if not _cache:
@@ -26,8 +29,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-from tests import factories  # noqa: E402
 
 
 # The longest files, started first so that the parallel workers finish together.

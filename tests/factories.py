@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+# Tests compile many small programs and run each a few times: LLVM at -O0 cuts the suite's
+# CPU time by about a third here, and every check compares results, not speed.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a test process (conftest) or a subprocess with `devices` fake CPUs."""
+  if devices == 1:
+    return TEST_XLA_FLAGS
+  return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
+
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 390, 391, 392, 393
 VOCAB = 400
 

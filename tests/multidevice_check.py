@@ -13,7 +13,9 @@ import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tests import factories  # noqa: E402  (numpy only; before jax reads XLA_FLAGS)
+
+os.environ["XLA_FLAGS"] = factories.xla_flags(8)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
@@ -23,7 +25,6 @@ import numpy as np  # noqa: E402
 
 from atlas_jax import sharding  # noqa: E402
 from atlas_jax.model import forward, init_params  # noqa: E402
-from tests import factories  # noqa: E402
 from atlas_jax.train import optimizer as optimizer_lib  # noqa: E402
 from atlas_jax.train.sft import sft_step  # noqa: E402
 from atlas_jax.train.state import TrainState  # noqa: E402

@@ -27,7 +27,9 @@ def _report(tmp_path, name, *flags):
   cmd = [sys.executable, "-m", "launch.aot_report", "--sizes=tiny", "--topologies=v5e:2x2",
          "--batch=8", "--length=256", "--patches=64", "--new_tokens=64", "--chunk=64",
          "--group_size=4", f"--output={out}", *flags]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  # Compiling for a topology touches no chip, so another libtpu process (a second report,
+  # a parallel test worker) need not hold the chip lock.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,3 +54,19 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
   assert data["sft"]["mesh"] == "data=4"
   # Replicated params + Adam moments (tiny: ~2.7 MB each in fp32) versus a quarter of them.
   assert fsdp["sft"]["argument_gib"] < 0.5 * data["sft"]["argument_gib"]
+
+
+def test_slice_sizes_and_analytic_flops_without_compiling():
+  """The cheap half of the report (fast tier): slice descriptions and the FLOPs model."""
+  from atlas_jax import aot
+  from atlas_jax.model import from_size
+  assert aot.chip_count("v5e:4x4") == 16 and aot.chip_count("v5p:4x4x4") == 64
+  assert len(aot.topology_devices("v5e:2x2")) == 4
+  config = from_size("tiny")
+  flops = {step: aot._model_flops(config, step, rows=8, length=256, new_tokens=64,
+                                  n_params=1_000_000)
+           for step in ("sft", "la-grpo", "sampler")}
+  # Forward + backward is three forwards; doubling the rows doubles the FLOPs.
+  assert flops["sft"] == flops["la-grpo"] == 3 * flops["sampler"] > 0
+  assert aot._model_flops(config, "sft", rows=16, length=256, new_tokens=64,
+                          n_params=1_000_000) == 2 * flops["sft"]

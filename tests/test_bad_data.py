@@ -109,6 +109,7 @@ def test_reader_counts_every_kind(tmp_path):
   assert skipped == collections.Counter(expected)
 
 
+@pytest.mark.slow
 def test_fuzzed_file_trains_to_completion_and_reports_reasons(tmp_path, capsys):
   path = fuzz_file(str(tmp_path))
   work = str(tmp_path / "run")

@@ -118,7 +118,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
                         "spec": str(r["w"].sharding.spec), "data": data,
                         "shards": len(r["w"].addressable_shards)}}))
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=factories.xla_flags(8),
              PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                         timeout=300)

@@ -15,6 +15,7 @@ import pytest
 from atlas_jax import checkpoint as checkpoint_lib
 from atlas_jax.model import abstract_params
 from atlas_jax.model import config as config_lib
+from tests import factories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, STEPS, GLOBAL_BATCH = 2, 3, 4
@@ -32,7 +33,7 @@ def _launch(workdir: str, *overrides: str) -> list[str]:
   are cached next to the workdir, so a second launch skips most compilation."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS=factories.xla_flags(2),
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"))
   flags = [f"--config={os.path.join(ROOT, 'configs', 'sft.py')}:tiny", f"--workdir={workdir}",
            "--config.data.synthetic_per_family=4", "--config.data.synthetic_test_per_family=2",

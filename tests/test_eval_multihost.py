@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 def _run(processes: int, hf_dir: str, data: str, out: str, cache: str) -> None:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=cache,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=factories.xla_flags(2))
   flags = [f"--checkpoint={hf_dir}", f"--data={data}", f"--output={out}", "--batch_size=4",
            "--max_new_tokens=8", "--max_length=128"]
   if processes > 1:

@@ -156,6 +156,7 @@ def test_sharded_export_loads_the_same(trained, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_export_from_8_devices_equals_single_device(trained, tmp_path):
   _, _, _, _, dst, _ = trained
   script = f"""
@@ -169,7 +170,7 @@ assert len(params["decoder"]["layers"]["q"]["kernel"].sharding.device_set) == 8
 tok = AutoTokenizer.from_pretrained({dst!r}, local_files_only=True)
 hf.save(config, params, tok, {str(tmp_path / 'multi')!r}, dtype=np.float32)
 """
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=F.xla_flags(8),
              PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                         timeout=300)
@@ -201,6 +202,7 @@ def test_bad_inputs_stop_with_one_clear_sentence(trained, tmp_path):
   assert (tmp_path / "full" / "keep.txt").exists()
 
 
+@pytest.mark.slow
 def test_convert_round_trip_through_orbax(trained, tmp_path):
   _, params, _, _, dst, _ = trained
   env = dict(os.environ, JAX_PLATFORMS="cpu")

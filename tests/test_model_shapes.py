@@ -69,6 +69,7 @@ def test_unknown_size_lists_the_known_ones():
     from_size("qwen9")
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_do_not_change_the_function():
   """Remat policies give the same logits and gradients; bf16 stays close to fp32."""
   base = ModelConfig(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from atlas_jax import sharding
+from tests import factories
 
 HERE = os.path.dirname(__file__)
 
@@ -16,7 +17,7 @@ HERE = os.path.dirname(__file__)
 @pytest.fixture(scope="module")
 def report():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             XLA_FLAGS=factories.xla_flags(8),
              PYTHONPATH=os.path.dirname(HERE))
   proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_check.py")],
                         capture_output=True, text=True, env=env, timeout=900)
@@ -24,6 +25,7 @@ def report():
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])
 def test_forward_and_sft_steps_match_single_device(report, mesh):
   r = report[mesh]
@@ -36,6 +38,7 @@ def test_forward_and_sft_steps_match_single_device(report, mesh):
   assert report["1"]["loss_value"] > 0
 
 
+@pytest.mark.slow
 def test_single_device_rl_and_sampling_runs_are_not_degenerate(report):
   """What the mesh comparisons below compare is a real update and real sampling."""
   one = report["1"]
@@ -63,6 +66,7 @@ def test_single_device_rl_and_sampling_runs_are_not_degenerate(report):
   assert one["sampled_non_stop_tokens"] >= 32 and one["sampled_distinct_tokens"] >= 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])
 def test_la_grpo_update_matches_single_device(report, mesh):
   r = report[mesh]
@@ -79,6 +83,7 @@ def test_la_grpo_update_matches_single_device(report, mesh):
   assert r["rl_params"] < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=4", "fsdp=4,tensor=2"])
 def test_greedy_sampling_matches_single_device(report, mesh):
   r = report[mesh]
@@ -90,6 +95,7 @@ def test_greedy_sampling_matches_single_device(report, mesh):
   assert r["sample_logps"] < 1e-5
 
 
+@pytest.mark.slow
 def test_params_are_actually_sharded(report):
   # q kernel [layers=2, embed=64, heads=4, head_dim=16]: embed over fsdp, heads over tensor.
   assert report["1"]["q_shard_shape"] == [2, 64, 4, 16]

@@ -67,6 +67,7 @@ def test_gradient_dilution_on_functional_rows():
   assert ratio > 3.0
 
 
+@pytest.mark.slow
 def test_alpha_zero_update_equals_grpo_and_nan_is_skipped():
   params = init_params(CONFIG, jax.random.key(0))
   batch = _rollouts(params)

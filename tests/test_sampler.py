@@ -107,6 +107,7 @@ def test_blocked_ids_are_never_sampled_and_rows_stop(model):
     assert (tokens[r, k:] == 2).all()
 
 
+@pytest.mark.slow
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
   _, config, params = model
   rng = np.random.default_rng(6)

@@ -33,6 +33,7 @@ def _metrics(workdir):
     return [json.loads(l) for l in f]
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(tmp_path):
   """4 steps, stop, resume for 4 more == 8 uninterrupted steps (params and data order)."""
   a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -64,6 +64,7 @@ def _same(a, b):
   return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_the_update_and_counts_it():
   hist, m = _run(_optim(), [_batch(nan=True)])
   assert float(m["skipped_step"]) == 1.0 and int(hist[-1].skipped) == 1
