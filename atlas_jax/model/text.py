@@ -112,26 +112,3 @@ class Decoder(nn.Module):
     x, cache = carry if cache is not None else (carry, None)
     x = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
     return x, cache
-
-
-def split_layers(layer_params, num_layers: int) -> tuple:
-  """Stacked layer params ([L, ...] leaves) as a tuple of L per-layer pytrees (one copy)."""
-  return tuple(jax.tree.map(lambda x, i=i: x[i], layer_params) for i in range(num_layers))
-
-
-def decode_layers(config: TextConfig, dtype, layer_params: tuple, x, cos, sin, mask,
-                  cache_index, caches: tuple):
-  """The decoder layers unrolled over per-layer params and caches (the decode step).
-
-  A scanned step slices every layer's weights out of the stack (a copy of all weights per
-  token on CPU) and its cache; here each layer's weights and its own cache
-  {"k", "v"}: [B, K, S, H] are separate loop invariants / loop state, so a decode loop
-  reads the weights in place and writes one [B, K, T, H] slice per layer in place.
-  x: float[B, T, D]; returns (x before the final norm, the updated caches tuple).
-  """
-  layer = DecoderLayer(config, dtype)
-  new = []
-  for p, cache in zip(layer_params, caches):
-    (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index, None)
-    new.append(cache)
-  return x, tuple(new)

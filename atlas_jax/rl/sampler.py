@@ -3,9 +3,9 @@ prompt), then a `lax.while_loop` decode over an explicit, static KV cache.
 
 Letters: B prompts, G samples per prompt, R = B*G rows, T prompt length (left-padded),
 N max new tokens, S = T + N cache length, L layers, K kv heads, H head dim, V vocab.
-The KV cache is a tuple of L per-layer {"k", "v"}: [R, K, S, H]; the prefill writes it with
-the scanned layers, the decode loop runs the layers unrolled over per-layer weights (split
-from the stack once per call) and updates each layer's cache in place (text.decode_layers).
+The KV cache {"k", "v"}: [L, R, K, S, H] rides in the scanned layers' carry; each layer
+writes its [R, K, 1, H] slice at the step's slot. (Per-layer caches with the layers unrolled
+were faster on CPU but gave wrong rows in multi-process runs; see tests/test_eval_multihost.)
 
 The loop state is an immutable dataclass; `SamplerSettings` holds only static, hashable
 settings. Log-probs returned are fp32, of the sampled token under the full-vocabulary,
@@ -22,11 +22,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from atlas_jax.model import layers, rope, text, vlm
+from atlas_jax.model import rope, vlm
 from atlas_jax.model.config import ModelConfig
 
 CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
-LAYER_CACHE_AXES = CACHE_AXES[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ class SamplerState:
   done: jax.Array          # bool[R]
   next_position: jax.Array  # int32[R]: M-RoPE position of the next token (all 3 axes)
   prompt_mask: jax.Array   # bool[R, T]
-  cache: tuple             # L x {"k", "v"}: [R, K, S, H] (updated in place)
+  cache: dict              # {"k", "v"}: [L, R, K, S, H]
   rng: jax.Array           # typed key
 
 
@@ -127,9 +126,8 @@ def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values
 
   # G rollouts per prompt share the prompt's cache.
   repeat = lambda x: jnp.repeat(x, g, axis=0)
-  cache = tuple({name: jnp.repeat(cache[name][i], g, axis=0) for name in ("k", "v")}
-                for i in range(tc.num_hidden_layers))
-  cache = nn.with_logical_constraint(cache, LAYER_CACHE_AXES)
+  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=1), cache)
+  cache = nn.with_logical_constraint(cache, CACHE_AXES)
   rng, key = jax.random.split(rng)
   token, logp = _choose(repeat(logits), allowed, key, settings)
   done = jnp.zeros((b * g,), bool)
@@ -148,9 +146,6 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
   model = vlm.Qwen25VL(config)
   n = settings.max_new_tokens
   t = state.prompt_mask.shape[1]
-  tc, dtype = config.text, jnp.dtype(config.dtype)
-  layer_params = text.split_layers(params["decoder"]["layers"], tc.num_hidden_layers)
-  final_norm = layers.RMSNorm(tc.rms_norm_eps, dtype)
 
   def cond(st: SamplerState):
     return (st.step < n) & ~jnp.all(st.done)
@@ -163,12 +158,9 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
     keys = keys | ((slots >= t) & (slots <= index))[None, :]
     positions = jnp.broadcast_to(st.next_position[None, :, None] + st.step - 1,
                                  (3, st.done.shape[0], 1))
-    x = model.apply({"params": params}, last, None, None, method=vlm.Qwen25VL.embed_inputs)
-    cos, sin = rope.text_rope(positions, tc.head_dim, tc.rope_theta, tc.mrope_section)
-    x, cache = text.decode_layers(tc, dtype, layer_params, x, cos, sin, keys[:, None, :],
-                                  index, st.cache)
-    cache = nn.with_logical_constraint(cache, LAYER_CACHE_AXES)
-    hidden = final_norm.apply({"params": params["decoder"]["final_norm"]}, x)
+    hidden, cache = model.apply({"params": params}, last, positions, keys[:, None, :], None,
+                                None, index, st.cache, method=vlm.Qwen25VL.hidden_states)
+    cache = nn.with_logical_constraint(cache, CACHE_AXES)
     logits = model.apply({"params": params}, hidden[:, 0], method=vlm.Qwen25VL.logits)
     rng, key = jax.random.split(st.rng)
     token, logp = _choose(logits, allowed, key, settings)
