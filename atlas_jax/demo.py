@@ -16,6 +16,7 @@ import time
 from atlas_jax.data import pipeline
 from atlas_jax.rl import loop as rl_loop
 from atlas_jax.train import loop as sft_loop
+from atlas_jax.train import optimizer as optimizer_lib
 from atlas_jax.train import plots
 
 
@@ -32,7 +33,9 @@ def stage_config(c, recipe: str, workdir: str):
     s.train.steps = stage.steps
     s.optim.lr = stage.lr
     s.optim.warmup_steps = stage.warmup_steps
-    s.optim.freeze_vision = stage.freeze_vision
+    for group in optimizer_lib.GROUPS:  # per-module settings the stage gives
+      for field, value in stage.get(group, {}).items():
+        s.optim[group][field] = value
     s.train.log_every = stage.log_every
     s.checkpoint.every = stage.steps
     if recipe == "rl":

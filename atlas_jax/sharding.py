@@ -127,21 +127,31 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def state_shardings(mesh: Mesh, abstract_state, param_sh):
   """Shardings for a TrainState: every subtree shaped like the params (optimizer moments,
-  gradient accumulators) takes the params' shardings; everything else is replicated."""
+  gradient accumulators) takes the params' shardings, also where a per-group optimizer
+  (optax.multi_transform / masked) left holes (`optax.MaskedNode`) for the other groups;
+  everything else is replicated."""
+  import optax  # noqa: PLC0415  (only states need it)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
   params_struct = jax.tree.structure(abstract_state.params)
   param_shapes = [x.shape for x in jax.tree.leaves(abstract_state.params)]
   param_sh_leaves = jax.tree.leaves(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
 
   def like_params(tree) -> bool:
     try:
-      return (jax.tree.structure(tree) == params_struct and
-              [x.shape for x in jax.tree.leaves(tree)] == param_shapes)
+      leaves, struct = jax.tree.flatten(tree, is_leaf=masked)
+      if len(leaves) != len(param_shapes) or not all(
+          masked(x) or getattr(x, "shape", None) == s for x, s in zip(leaves, param_shapes)):
+        return False
+      return jax.tree.structure(jax.tree.unflatten(params_struct, leaves),
+                                is_leaf=masked) == struct
     except Exception:  # noqa: BLE001  (optax states hold non-tree leaves)
       return False
 
   def assign(tree):
     if like_params(tree):
-      return jax.tree.unflatten(params_struct, param_sh_leaves)
+      leaves, struct = jax.tree.flatten(tree, is_leaf=masked)
+      return jax.tree.unflatten(struct, [x if masked(x) else s
+                                         for x, s in zip(leaves, param_sh_leaves)])
     if hasattr(tree, "shape"):
       return replicated(mesh)
     return None

@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; master params are always float32
   c.model.remat = "none"     # none | full | dots | dots_no_batch | attention_out
   c.model.attention_chunk = 0  # >0: decoder attention over this many queries at a time
+  c.model.attention_impl = "xla"  # xla (einsums) | cudnn (GPU, bf16) | splash (TPU Pallas)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""      # local HF tokenizer dir; empty: hf_path, else build the tiny BPE
@@ -59,7 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0
   c.optim.grad_accum = 1
-  c.optim.freeze_vision = False
+  # Per module, by parameter path: vision = the tower without the patch merger, merger =
+  # the 2x2 merger, llm = embedding + decoder + LM head. A frozen group keeps its init and
+  # holds no moments; lr_scale multiplies optim.lr (and its schedule) for that group.
+  for group in ("vision", "merger", "llm"):
+    c.optim[group] = ml_collections.ConfigDict(dict(trainable=True, lr_scale=1.0))
+  c.optim.moments_dtype = "float32"  # Adam mu/nu storage: float32 | bfloat16 (half memory)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

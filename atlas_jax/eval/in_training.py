@@ -96,7 +96,7 @@ class TrainingEval:
 
   def _keep_best(self, run, state, step: int, metrics: dict) -> None:
     from atlas_jax import checkpoint as checkpoint_lib
-    from atlas_jax.train.loop import checkpoint_extra
+    from atlas_jax.train.run import checkpoint_extra
     key = self.config.eval.keep_best
     name, sign = key.lstrip("-"), -1.0 if key.startswith("-") else 1.0
     if name not in metrics:

@@ -27,7 +27,7 @@ from atlas_jax.rl import grpo, rollout
 from atlas_jax.rl import rewards as rewards_lib
 from atlas_jax.rl.sampler import Sampler, SamplerSettings
 from atlas_jax.rl.update import rl_step, token_logps
-from atlas_jax.train import loop as sft_loop
+from atlas_jax.train import run as run_lib
 from atlas_jax.train import optimizer as optimizer_lib
 from atlas_jax.train import plots, setup
 
@@ -60,7 +60,7 @@ def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None)
 def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
   """Greedy rollouts on up to `max_prompts` prompts: accuracy, reward, functional tokens."""
   c = run.config
-  opts = dict(sft_loop.data_options(c, run.tokenizer, shuffle=False),
+  opts = dict(run_lib.data_options(c, run.tokenizer, shuffle=False),
               batch_size=_per_process("rl.eval_batch_size", rl.eval_batch_size))
   iterator = pipeline.rl_pipeline(source, num_epochs=1, **opts)
   sampler = sampler_for(run, rl, greedy=True, group_size=1)
@@ -145,17 +145,17 @@ def train_rl(c, workdir: str):
   """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
   evals = in_training.TrainingEval.create(c)  # config.eval; None when off
-  run, params = sft_loop.start(c, workdir, c.train.steps)
+  run, params = run_lib.start(c, workdir, c.train.steps)
   ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None
-  optim = sft_loop.resolve_optim(c)
+  optim = run_lib.resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)
   schedule = optimizer_lib.learning_rate_schedule(optim)
-  state, state_sh = sft_loop.create_state(run, params, optimizer)
+  state, state_sh = run_lib.create_state(run, params, optimizer)
   source = pipeline.open_source(run.data_report, "train")
-  opts = dict(sft_loop.data_options(c, run.tokenizer),
+  opts = dict(run_lib.data_options(c, run.tokenizer),
               batch_size=_per_process("rl.prompts_per_step", rl.prompts_per_step))
   iterator = pipeline.rl_pipeline(source, **opts)
-  state = sft_loop.maybe_restore(run, state, state_sh, iterator)
+  state = run_lib.maybe_restore(run, state, state_sh, iterator)
   sampler = sampler_for(run, rl)
   functional_ids = jnp.asarray(run.table.id_array)
   chunk = c.train.logprob_chunk
@@ -167,7 +167,7 @@ def train_rl(c, workdir: str):
 
   last: dict = {}
   start_step = int(state.step)
-  end = sft_loop.stop_step(c, start_step)
+  end = run_lib.stop_step(c, start_step)
   for step in range(start_step // rl.inner_updates, end // rl.inner_updates):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.step_key(), 1)
@@ -218,7 +218,7 @@ def train_rl(c, workdir: str):
       run.writer.write(done, m, prefix="rl")
     last = m
     run.checkpointer.save(done, state, data_state=iterator.get_state(),
-                          extra=sft_loop.checkpoint_extra(run), force=done >= end)
+                          extra=run_lib.checkpoint_extra(run), force=done >= end)
     if evals is not None:
       evals.maybe_run(run, state, done, end, stride=rl.inner_updates)
     if done % c.train.log_every < rl.inner_updates or done >= end:

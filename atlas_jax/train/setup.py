@@ -61,6 +61,7 @@ def validate_config(c) -> None:
                      f"of {functional_tokens.INIT_MODES}")
   if c.optim.grad_accum < 1 or c.train.steps < 1 or c.data.batch_size < 1:
     raise ValueError("config.optim.grad_accum, train.steps and data.batch_size must be >= 1")
+  _validate_optim_groups(c.optim)
   rl = c.rl
   if c.recipe == "rl":
     if rl.max_new_tokens % min(chunk, rl.max_new_tokens):
@@ -93,6 +94,25 @@ def validate_config(c) -> None:
                        f"rl.inner_updates {rl.inner_updates}")
   if c.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype {c.model.dtype!r} is not float32/bfloat16/float16")
+
+
+def _validate_optim_groups(optim) -> None:
+  from atlas_jax.train import optimizer as optimizer_lib
+  for name in optimizer_lib.GROUPS:
+    group = optim[name]
+    if not isinstance(group.trainable, bool):
+      raise ValueError(f"config.optim.{name}.trainable {group.trainable!r} must be True or "
+                       "False")
+    scale = group.lr_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < 1e6:
+      raise ValueError(f"config.optim.{name}.lr_scale {scale!r} must be a number >= 0 (a "
+                       "multiple of optim.lr)")
+  if not any(optim[name].trainable for name in optimizer_lib.GROUPS):
+    raise ValueError("config.optim.vision, merger and llm all have trainable=False: nothing "
+                     "would train")
+  if optim.moments_dtype not in optimizer_lib.MOMENTS_DTYPES:
+    raise ValueError(f"config.optim.moments_dtype {optim.moments_dtype!r} is not one of "
+                     f"{optimizer_lib.MOMENTS_DTYPES}")
 
 
 def maybe_initialize_distributed(c) -> None:
@@ -155,12 +175,14 @@ def load_tokenizer(c, workdir: str):
 def load_model(c, tokenizer, mesh):
   """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
   runtime = dict(dtype=c.model.dtype, remat=c.model.remat,
-                 attention_chunk=c.model.attention_chunk)
+                 attention_chunk=c.model.attention_chunk,
+                 attention_impl=c.model.get("attention_impl", "xla"))
   if c.model.init_checkpoint:
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
     config, params = hf.load(c.model.hf_path, compute_dtype=c.model.dtype, remat=c.model.remat)
-    config = config.replace(attention_chunk=c.model.attention_chunk)
+    config = config.replace(attention_chunk=c.model.attention_chunk,
+                            attention_impl=runtime["attention_impl"])
     image_id = functional_tokens.token_id(tokenizer, "<|image_pad|>")
     if image_id != config.image_token_id:
       raise ValueError(f"tokenizer's <|image_pad|> id {image_id} differs from config.json's "
