@@ -32,8 +32,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 # The longest files, started first so that the parallel workers finish together.
-_LONGEST_FIRST = ("test_multidevice.py", "test_rl_loop.py", "test_sft_loop.py",
-                  "test_distributed.py", "test_aot.py", "test_rl_update.py", "test_sft_step.py")
+_LONGEST_FIRST = ("test_multidevice.py", "test_distributed_rl.py", "test_ablate.py",
+                  "test_sft_loop.py", "test_rl_loop.py", "test_distributed.py", "test_aot.py",
+                  "test_eval_training.py", "test_eval_multihost.py", "test_rl_update.py",
+                  "test_sft_step.py")
 
 
 def pytest_collection_modifyitems(config, items):
