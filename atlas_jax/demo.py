@@ -51,6 +51,13 @@ def _evaluate(run, params, c) -> dict:
   return rl_loop.evaluate(run, params, source, c.rl, c.rl.reward, max_prompts=c.rl.eval_prompts)
 
 
+def _report(stage: str, result: dict) -> dict:
+  print(f"[eval] {stage}: held-out accuracy {result['accuracy']:.3f}, reward "
+        f"{result['reward']:.3f} ({result.get('rollout_tokens_per_s', 0):.0f} rollout "
+        "tokens/s)", flush=True)
+  return result
+
+
 def summary_table(rows: dict[str, dict], throughput: dict[str, float], wall: float) -> str:
   cols = [("accuracy", "accuracy"), ("reward", "reward"),
           ("functional_per_completion", "func tok/compl"),
@@ -72,11 +79,11 @@ def run_demo(c, workdir: str) -> dict:
 
   def before(run, state):
     if "before training" not in rows:
-      rows["before training"] = _evaluate(run, state.params, c)
+      rows["before training"] = _report("before training", _evaluate(run, state.params, c))
 
   sft_state, sft_metrics, sft_run = sft_loop.train_sft(sft_c, os.path.join(workdir, "sft"),
                                                        on_start=before)
-  rows["after SFT"] = _evaluate(sft_run, sft_state.params, c)
+  rows["after SFT"] = _report("after SFT", _evaluate(sft_run, sft_state.params, c))
   accuracy, bar = rows["after SFT"]["accuracy"], c.demo.min_sft_accuracy
   if not accuracy >= bar:
     print("\n" + summary_table(rows, {}, time.time() - t0), flush=True)
@@ -85,7 +92,7 @@ def run_demo(c, workdir: str) -> dict:
                       "not learn the suite")
   rl_c = stage_config(c, "rl", workdir)
   rl_state, rl_metrics, rl_run = rl_loop.train_rl(rl_c, os.path.join(workdir, "rl"))
-  rows["after LA-GRPO"] = _evaluate(rl_run, rl_state.params, c)
+  rows["after LA-GRPO"] = _report("after LA-GRPO", _evaluate(rl_run, rl_state.params, c))
   throughput = {
       "SFT tokens/s": sft_metrics.get("tokens_per_s", float("nan")),
       "RL rollout tokens/s": rl_metrics.get("rollout_tokens_per_s", float("nan")),

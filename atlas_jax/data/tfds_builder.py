@@ -265,7 +265,8 @@ def build_dataset(*, splits: dict[str, str], data_dir: str, build: bool = True,
   counts = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
   if build and not built:
     print(f"[data] reusing the dataset in {builder.data_dir} "
-          f"({' '.join(f'{s}={n}' for s, n in counts.items())})", flush=True)
+          f"({' '.join(f'{s}={n}' for s, n in counts.items())}; skipped: "
+          f"{format_skipped(saved['skipped'])})", flush=True)
   return {"data_dir": builder.data_dir, "counts": counts, "skipped": saved["skipped"],
           "sources": {s: v["path"] for s, v in saved["splits"].items()}}
 

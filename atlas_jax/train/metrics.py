@@ -53,14 +53,15 @@ class MetricWriter:
     body = " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
     return f"{head} {body}"
 
-  def text(self, step: int, name: str, text: str):
+  def text(self, step: int, name: str, text: str, console: bool = True):
     """Free text (e.g. the skipped-record report) to TensorBoard, JSONL and the console."""
     if not self.active:
       return
     self._jsonl.write(json.dumps({"step": int(step), "text": name, "value": text}) + "\n")
     self._jsonl.flush()
     self._tb.add_text(name, text, int(step))
-    print(f"[{name}] {text}", flush=True)
+    if console:
+      print(f"[{name}] {text}", flush=True)
 
   def close(self):
     if self.active:

@@ -51,7 +51,7 @@ def start(c, workdir: str, total_steps: int) -> tuple[Run, object]:
     tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
   report = setup.prepare_data(c, workdir)
   writer = metrics_lib.MetricWriter(workdir, total_steps)
-  writer.text(0, "data", str(report))
+  writer.text(0, "data", str(report), console=False)  # the build printed its own line
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                      async_save=c.checkpoint.async_save)
