@@ -4,8 +4,6 @@ each) train SFT together through `python -m launch.train`: 2 steps, stop, resume
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -22,16 +20,10 @@ PROCESSES, STEPS, GLOBAL_BATCH = 2, 3, 4
 TIMEOUT_S = 600
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _launch(workdir: str, *overrides: str) -> list[str]:
   """Runs the training command in PROCESSES processes; returns their stdouts. Compiled steps
   are cached next to the workdir, so a second launch skips most compilation."""
-  port = _free_port()
+  port = factories.free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              XLA_FLAGS=factories.xla_flags(2),
              JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), "jax_cache"))
@@ -44,23 +36,9 @@ def _launch(workdir: str, *overrides: str) -> list[str]:
            "--config.distributed.initialize=True",
            f"--config.distributed.coordinator_address=localhost:{port}",
            f"--config.distributed.num_processes={PROCESSES}", *overrides]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "launch.train", *flags, f"--config.distributed.process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(PROCESSES)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=TIMEOUT_S))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-  for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, (f"process {i} exited {proc.returncode}\n--- stdout\n"
-                                  f"{out[-2000:]}\n--- stderr\n{err[-4000:]}")
-  return [out for out, _ in outputs]
+  return factories.run_processes(
+      [[sys.executable, "-m", "launch.train", *flags, f"--config.distributed.process_id={i}"]
+       for i in range(PROCESSES)], cwd=ROOT, env=env, timeout=TIMEOUT_S)
 
 
 @pytest.mark.slow

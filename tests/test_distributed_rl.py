@@ -6,8 +6,6 @@ run is bitwise equal to an uninterrupted one."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -15,6 +13,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests import factories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, STEPS, PROMPTS, GROUP = 2, 4, 4, 4
@@ -63,12 +63,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _launch(tmp, workdir: str, *flags: str, processes: int = 1, devices: int = 2,
             two_shards: bool = False) -> list[str]:
   """Runs the driver in `processes` processes; returns their stdouts."""
@@ -82,28 +76,14 @@ def _launch(tmp, workdir: str, *flags: str, processes: int = 1, devices: int = 2
   if two_shards:
     flags.append("--two_shards")
   if processes > 1:
-    port = _free_port()
+    port = factories.free_port()
     flags += ["--config.distributed.initialize=True",
               f"--config.distributed.coordinator_address=localhost:{port}",
               f"--config.distributed.num_processes={processes}"]
-  procs = [subprocess.Popen(
-      [sys.executable, driver, *flags]
-      + ([f"--config.distributed.process_id={i}"] if processes > 1 else []),
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(processes)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=TIMEOUT_S))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-  for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, (f"process {i} exited {proc.returncode}\n--- stdout\n"
-                                  f"{out[-2000:]}\n--- stderr\n{err[-4000:]}")
-  return [out for out, _ in outputs]
+  return factories.run_processes(
+      [[sys.executable, driver, *flags]
+       + ([f"--config.distributed.process_id={i}"] if processes > 1 else [])
+       for i in range(processes)], cwd=ROOT, env=env, timeout=TIMEOUT_S)
 
 
 def _sft_flags(tmp) -> list[str]:

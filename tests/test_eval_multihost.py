@@ -4,7 +4,6 @@ processes), a bad row on one of them, and a batch filled with invalid rows."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,12 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _run(processes: int, hf_dir: str, data: str, out: str, cache: str) -> None:
   # Two CPU devices per process, and the one-process run gets all four: the same global
   # mesh, so each device holds the same rows and greedy decoding of this random model (whose
@@ -32,7 +25,7 @@ def _run(processes: int, hf_dir: str, data: str, out: str, cache: str) -> None:
   flags = [f"--checkpoint={hf_dir}", f"--data={data}", f"--output={out}", "--batch_size=4",
            "--max_new_tokens=8", "--max_length=128"]
   if processes > 1:
-    flags += ["--distributed", f"--coordinator_address=localhost:{_free_port()}",
+    flags += ["--distributed", f"--coordinator_address=localhost:{factories.free_port()}",
               f"--num_processes={processes}"]
   procs = [subprocess.Popen(
       [sys.executable, "-m", "launch.evaluate", *flags,
