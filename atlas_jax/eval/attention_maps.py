@@ -183,7 +183,8 @@ def draw(path: str, images: list, example_panels: list[Panel], *, title: str = "
     body = textwrap.fill(panel.sentence or "(no preceding sentence)", 42)
     ax.set_title(f"{head}\n{body}", fontsize=7, loc="left")
   if title:
-    fig.suptitle(textwrap.shorten(title, 160), fontsize=8)
+    width = max(int(13 * 3.6 * ncols), 30)  # characters of 8 pt text across the figure
+    fig.suptitle(textwrap.fill(textwrap.shorten(title, 3 * width), width), fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
