@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # Tests compile many small programs and run each a few times: LLVM at -O0 cuts the suite's
@@ -192,3 +194,17 @@ def run_processes(commands: list[list[str]], *, cwd: str, env: dict,
     assert proc.returncode == 0, (f"process {i} exited {proc.returncode}\n--- stdout\n"
                                   f"{out[-2000:]}\n--- stderr\n{err[-4000:]}")
   return [out for out, _ in outputs]
+
+
+def restore_state_numpy(checkpoints: str, step: int) -> dict:
+  """The TrainState saved at `step` under a Checkpointer directory, as numpy arrays (params,
+  optimizer state, rng, ...), read without a mesh or the state's structure."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = os.path.join(checkpoints, str(step), "state")
+  with ocp.PyTreeCheckpointer() as ckpt:
+    meta = ckpt.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            getattr(tree, "tree", tree))
+    return ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))

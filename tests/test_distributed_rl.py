@@ -1,19 +1,22 @@
 """Two processes on localhost (jax.distributed, 2 CPU devices each) run the RL recipe through
-`python -m launch.train` from an SFT checkpoint: 2 steps, stop, resume, 2 more. Each
+`python -m launch.train` from an SFT checkpoint: 4 steps, a checkpoint every 2. Each
 process decodes and scores only its own rows; the rewards and every logged mean equal a
-one-process run (4 devices, the same mesh) fed the same global prompt batches; the resumed
-run is bitwise equal to an uninterrupted one."""
+one-process run (4 devices, the same mesh) fed the same global prompt batches; a second
+two-process job started from the step-2 checkpoint ends bitwise equal to the
+uninterrupted one at step 4."""
 
 import json
 import os
+import shutil
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from atlas_jax.train.loop import train_sft
+from configs import sft as sft_config
 from tests import factories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +73,7 @@ def _launch(tmp, workdir: str, *flags: str, processes: int = 1, devices: int = 2
   with open(driver, "w") as f:
     f.write(DRIVER)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, "jax_cache"))
+             XLA_FLAGS=factories.xla_flags(devices))  # the session's compilation cache
   flags = [*flags, f"--workdir={workdir}", "--config.checkpoint.async_save=False"]
   if two_shards:
     flags.append("--two_shards")
@@ -86,13 +88,17 @@ def _launch(tmp, workdir: str, *flags: str, processes: int = 1, devices: int = 2
        for i in range(processes)], cwd=ROOT, env=env, timeout=TIMEOUT_S)
 
 
-def _sft_flags(tmp) -> list[str]:
-  return [f"--config={os.path.join(ROOT, 'configs', 'sft.py')}:tiny",
-          "--config.data.synthetic_per_family=4", "--config.data.synthetic_test_per_family=1",
-          f"--config.data.dataset_dir={os.path.join(tmp, 'data')}",
-          "--config.data.batch_size=4", "--config.data.max_length=192",
-          "--config.data.length_buckets=(192,)", "--config.train.logprob_chunk=32",
-          "--config.train.steps=2", "--config.checkpoint.every=2"]
+def _sft(tmp) -> str:
+  """The SFT checkpoint RL starts from: 2 steps, in this process (its steps are not what
+  is tested here)."""
+  c = factories.override(sft_config.get_config("tiny"), {
+      "data.synthetic_per_family": 4, "data.synthetic_test_per_family": 1,
+      "data.dataset_dir": os.path.join(tmp, "data"), "data.batch_size": 4,
+      "data.max_length": 192, "data.length_buckets": (192,), "train.logprob_chunk": 32,
+      "train.steps": 2, "checkpoint.every": 2, "checkpoint.async_save": False})
+  workdir = os.path.join(tmp, "sft")
+  train_sft(c, workdir)
+  return workdir
 
 
 def _rl_flags(tmp, sft: str, *extra: str) -> list[str]:
@@ -117,47 +123,36 @@ def _rl_rows(workdir: str) -> list[dict]:
           for r in rows if r.get("prefix") == "rl"]
 
 
-def _state(workdir: str, step: int) -> dict:
-  """The saved TrainState of `step` as numpy arrays (params, optimizer state, rng, ...)."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  with ocp.PyTreeCheckpointer() as ckpt:
-    meta = ckpt.metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                            getattr(tree, "tree", tree))
-    return ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
-
-
 @pytest.mark.slow
 def test_two_process_rl_matches_one_process_and_resumes_exactly(tmp_path):
   tmp = str(tmp_path)
-  sft = os.path.join(tmp, "sft")
-  _launch(tmp, sft, *_sft_flags(tmp))
-  resumed, straight, single = (os.path.join(tmp, n) for n in ("resumed", "straight", "one"))
-  first = _launch(tmp, resumed, *_rl_flags(tmp, sft, "--config.train.stop_after=2"),
-                  processes=PROCESSES)
+  sft = _sft(tmp)
+  straight, resumed, single = (os.path.join(tmp, n) for n in ("straight", "resumed", "one"))
+  full = _launch(tmp, straight, *_rl_flags(tmp, sft), processes=PROCESSES)
+  shutil.copytree(os.path.join(straight, "checkpoints", "2"),
+                  os.path.join(resumed, "checkpoints", "2"))
   second = _launch(tmp, resumed, *_rl_flags(tmp, sft), processes=PROCESSES)
-  _launch(tmp, straight, *_rl_flags(tmp, sft), processes=PROCESSES)
   _launch(tmp, single, *_rl_flags(tmp, sft), devices=4, two_shards=True)
 
   # Each process decoded (and scored) its own rows only: half of each step's rollouts.
-  for job in (first, second):
+  for job, steps in ((full, STEPS), (second, STEPS - 2)):
     for out in job:
-      assert f"[rows decoded] {2 * PROMPTS * GROUP // PROCESSES}" in out
+      assert f"[rows decoded] {steps * PROMPTS * GROUP // PROCESSES}" in out
 
   rows = {name: _rl_rows(d) for name, d in (("resumed", resumed), ("straight", straight),
                                             ("one process", single))}
   assert [r["step"] for r in rows["straight"]] == list(range(1, STEPS + 1))
   print("\n[rl, 2 processes] reward", [round(r["reward"], 3) for r in rows["straight"]])
-  assert rows["resumed"] == rows["straight"]
-  for two, one in zip(rows["straight"], rows["one process"]):
+  assert rows["resumed"] == rows["straight"][2:]
+  for two, one in zip(rows["straight"], rows["one process"], strict=True):
     # The same rollouts: another completion would move a mean reward by >= 1e-3.
     np.testing.assert_allclose(two["reward"], one["reward"], rtol=1e-6)
     assert two.keys() == one.keys()
     for k in two.keys() - {"prefix"}:
       np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
-  a, b = _state(resumed, STEPS), _state(straight, STEPS)
+  a, b = (factories.restore_state_numpy(os.path.join(d, "checkpoints"), STEPS)
+          for d in (resumed, straight))
   flat_a, flat_b = (ocp.tree.to_flat_dict(x) for x in (a, b))
   assert flat_a.keys() == flat_b.keys() and flat_a
   for k in flat_a:

@@ -2,10 +2,11 @@
 
 import json
 import os
+import shutil
 
-import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from atlas_jax.rl.loop import train_rl
@@ -41,30 +42,51 @@ def _rewards(workdir):
   return [r["reward"] for r in rows if r.get("prefix") == "rl"]
 
 
+STEPS, RESUME_AT = 16, 2
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """One uninterrupted 16-step run, a checkpoint every 2 steps (all kept): the learning check
+  reads its rewards, the resume check restarts from its step-2 checkpoint."""
+  tmp = str(tmp_path_factory.mktemp("rl_straight"))
+  workdir = os.path.join(tmp, "run")
+  c = _config(tmp, **{"train.steps": STEPS, "checkpoint.every": RESUME_AT,
+                      "checkpoint.keep": STEPS // RESUME_AT})
+  train_rl(c, workdir)
+  return tmp, workdir
+
+
 @pytest.mark.slow
-def test_short_rl_run_raises_mean_reward(tmp_path):
-  c = _config(str(tmp_path), **{"train.steps": 16, "checkpoint.every": 16})
-  train_rl(c, str(tmp_path / "run"))
-  rewards = _rewards(str(tmp_path / "run"))
+def test_short_rl_run_raises_mean_reward(straight):
+  rewards = _rewards(straight[1])
   first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
   print(f"\n[rl] mean reward, first 4 steps {first:.3f} -> last 4 steps {last:.3f}")
-  assert len(rewards) == 16
+  assert len(rewards) == STEPS
   assert last > first + 0.2
 
 
 @pytest.mark.slow
-def test_rl_resume_is_exact(tmp_path):
-  """2 steps, stop, resume for 2 more == 4 uninterrupted steps (params, optimizer state)."""
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  steps = {"train.steps": 4, "checkpoint.every": 2}
-  train_rl(_config(str(tmp_path), **steps, **{"train.stop_after": 2}), a)
-  resumed, _, _ = train_rl(_config(str(tmp_path), **steps), a)
-  straight, _, _ = train_rl(_config(str(tmp_path), **steps), b)
-  assert int(resumed.step) == int(straight.step) == 4
-  for x, y in zip(jax.tree.leaves((resumed.params, resumed.opt_state)),
-                  jax.tree.leaves((straight.params, straight.opt_state))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert _rewards(a) == _rewards(b)
+def test_rl_resume_is_exact(straight, tmp_path):
+  """A new job started from the straight run's step-2 checkpoint, stopped after 2 more
+  steps, equals the straight run at step 4: params, optimizer state, rng, and the logged
+  rewards of steps 3 and 4 (the resumed job restores the data iterator too)."""
+  tmp, workdir = straight
+  resumed_dir = str(tmp_path / "resumed")
+  shutil.copytree(os.path.join(workdir, "checkpoints", str(RESUME_AT)),
+                  os.path.join(resumed_dir, "checkpoints", str(RESUME_AT)))
+  c = _config(tmp, **{"train.steps": STEPS, "checkpoint.every": RESUME_AT,
+                      "train.stop_after": RESUME_AT})
+  resumed, _, _ = train_rl(c, resumed_dir)
+  end = 2 * RESUME_AT
+  assert int(resumed.step) == end
+  want = factories.restore_state_numpy(os.path.join(workdir, "checkpoints"), end)
+  got = factories.restore_state_numpy(os.path.join(resumed_dir, "checkpoints"), end)
+  flat_want, flat_got = (ocp.tree.to_flat_dict(x) for x in (want, got))
+  assert flat_want.keys() == flat_got.keys() and flat_want
+  for k in flat_want:
+    assert np.asarray(flat_want[k]).tobytes() == np.asarray(flat_got[k]).tobytes(), k
+  assert _rewards(resumed_dir) == _rewards(workdir)[RESUME_AT:end]
 
 
 def test_two_steps_log_the_update_and_the_dilution_diagnostic(tmp_path):

@@ -2,9 +2,10 @@
 
 import json
 import os
+import shutil
 
-import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from atlas_jax.data import synthetic
@@ -33,35 +34,57 @@ def _metrics(workdir):
     return [json.loads(l) for l in f]
 
 
-@pytest.mark.slow
-def test_resume_is_bitwise_exact(tmp_path):
-  """4 steps, stop, resume for 4 more == 8 uninterrupted steps (params and data order)."""
-  a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  train_sft(_config(str(tmp_path), **{"train.steps": 8, "train.stop_after": 4}), a)
-  resumed, _, _ = train_sft(_config(str(tmp_path), **{"train.steps": 8}), a)
-  straight, _, _ = train_sft(_config(str(tmp_path), **{"train.steps": 8}), b)
-  assert int(resumed.step) == int(straight.step) == 8
-  for x, y in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  for x, y in zip(jax.tree.leaves(resumed.opt_state), jax.tree.leaves(straight.opt_state)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert any(r.get("text") == "resume" for r in _metrics(a))
+LEARN_STEPS, EVERY = 80, 4
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+  """One 80-step run on the suite, an (asynchronous) checkpoint every 4 steps, the last two
+  kept: the learning check reads its metrics, the resume check restarts from step 76."""
+  tmp = str(tmp_path_factory.mktemp("sft_learn"))
+  c = _config(tmp, **{"train.steps": LEARN_STEPS, "train.log_every": 10,
+                      "data.synthetic_per_family": 40, "data.batch_size": 8,
+                      "checkpoint.every": EVERY, "checkpoint.async_save": True})
+  train_sft(c, os.path.join(tmp, "run"))
+  return tmp, c
 
 
 @pytest.mark.slow
-def test_sft_learns_the_synthetic_suite(tmp_path):
-  c = _config(str(tmp_path), **{"train.steps": 80, "train.log_every": 10,
-                                "data.synthetic_per_family": 40, "data.batch_size": 8,
-                                "checkpoint.every": 80})
-  train_sft(c, str(tmp_path / "run"))
-  rows = [r for r in _metrics(str(tmp_path / "run")) if r.get("prefix") == "train"]
+def test_sft_learns_the_synthetic_suite(learned):
+  run = os.path.join(learned[0], "run")
+  rows = [r for r in _metrics(run) if r.get("prefix") == "train"]
   first, last = rows[0], rows[-1]
   print(f"\n[sft] loss {first['loss']:.3f} -> {last['loss']:.3f}; functional accuracy "
         f"{first['functional_accuracy']:.2f} -> {last['functional_accuracy']:.2f}; "
         f"{last['tokens_per_s']:.0f} tokens/s")
   assert last["loss"] < 0.5 * first["loss"]
   assert last["functional_accuracy"] >= first["functional_accuracy"] + 0.5
-  assert os.listdir(tmp_path / "run" / "tensorboard")
+  assert os.listdir(os.path.join(run, "tensorboard"))
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_exact(learned, tmp_path):
+  """A new job started from the run's step-76 checkpoint (the data iterator in its fourth
+  epoch, the schedule near its end) ends bitwise equal to the uninterrupted run at step
+  80: params, optimizer state, rng and data position."""
+  tmp, c = learned
+  start = LEARN_STEPS - EVERY
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(os.path.join(tmp, "run", "checkpoints", str(start)),
+                  os.path.join(resumed, "checkpoints", str(start)))
+  state, _, _ = train_sft(c, resumed)
+  assert int(state.step) == LEARN_STEPS
+  assert any(r.get("text") == "resume" for r in _metrics(resumed))
+  want, got = (factories.restore_state_numpy(os.path.join(d, "checkpoints"), LEARN_STEPS)
+               for d in (os.path.join(tmp, "run"), resumed))
+  flat_want, flat_got = (ocp.tree.to_flat_dict(x) for x in (want, got))
+  assert flat_want.keys() == flat_got.keys() and flat_want
+  for k in flat_want:
+    assert np.asarray(flat_want[k]).tobytes() == np.asarray(flat_got[k]).tobytes(), k
+  with open(os.path.join(tmp, "run", "checkpoints", str(LEARN_STEPS), "data",
+                         "metadata")) as f, \
+       open(os.path.join(resumed, "checkpoints", str(LEARN_STEPS), "data", "metadata")) as g:
+    assert json.load(f) == json.load(g)  # the iterator stands at the same record
 
 
 def test_bad_records_are_skipped_counted_and_reported(tmp_path):
@@ -76,10 +99,12 @@ def test_bad_records_are_skipped_counted_and_reported(tmp_path):
             json.dumps(dict(good, id="x4", trajectory="<|Bogus|> \\boxed{A}"))]
   with open(train, "w") as f:
     f.write("\n".join(lines) + "\n")
-  c = _config(str(tmp_path), **{"train.steps": 6, "data.train_jsonl": train,
+  # 2 steps of 8 rows see all 11 records that pass the build (one epoch), x3 included.
+  c = _config(str(tmp_path), **{"train.steps": 2, "data.batch_size": 8,
+                                "data.length_buckets": (192,), "data.train_jsonl": train,
                                 "data.dataset_dir": str(tmp_path / "own_data")})
   state, _, _ = train_sft(c, str(tmp_path / "run"))
-  assert int(state.step) == 6
+  assert int(state.step) == 2
   texts = {r["text"]: r["value"] for r in _metrics(str(tmp_path / "run")) if "text" in r}
   for reason in ("malformed_json", "missing_image", "corrupt_image", "unknown_special_token"):
     assert f"'{reason}': 1" in texts["data"]
