@@ -139,3 +139,25 @@ def test_report_skipped_text():
   assert pipeline.report_skipped(collections.Counter()) == "no records skipped"
   assert pipeline.report_skipped(collections.Counter(too_long=2, corrupt_image=1)) == (
       "skipped 3 records: corrupt_image=1, too_long=2")
+
+
+def test_a_missing_dependency_stops_instead_of_skipping_every_record(data, monkeypatch):
+  """A record that fails to render is skipped; an ImportError while rendering (e.g. jinja2
+  missing for the chat template) is the environment's, and skipping every record for it
+  would hide it: it propagates."""
+  report, tok, _ = data
+  from atlas_jax.data import chat
+  source = tfds_builder.open_source(report, "train")
+  def broken(*args, **kwargs):
+    raise RuntimeError("a record this renderer cannot take")
+  monkeypatch.setattr(chat, "render", broken)
+  p = pipeline.sft_pipeline(source, tokenizer=tok, seed=0, num_epochs=1, shuffle=False,
+                            **dict(OPTS, batch_size=2))
+  assert list(p) == [] and p.skipped["render_error"] > 0
+  def missing(*args, **kwargs):
+    raise ImportError("apply_chat_template requires jinja2 to be installed.")
+  monkeypatch.setattr(chat, "render", missing)
+  p = pipeline.sft_pipeline(source, tokenizer=tok, seed=0, num_epochs=1, shuffle=False,
+                            **dict(OPTS, batch_size=2))
+  with pytest.raises(ImportError, match="jinja2"):
+    next(p)

@@ -49,7 +49,8 @@ class _Skip:
 class _Render:
   """Decodes one stored example and renders it; a bad one becomes a `_Skip`. The build
   already checked images and limits, so what fails here is mostly length after rendering;
-  anything else that raises is skipped too, never fatal."""
+  anything else that raises is skipped too, never fatal, except a missing dependency or
+  memory (ImportError, MemoryError), which would otherwise skip every record."""
 
   def __init__(self, tokenizer, *, min_pixels, max_pixels, max_length, max_images, max_patches,
                prompt_suffix, prompt_only):
@@ -62,6 +63,8 @@ class _Render:
     record_id = _text(ex["id"])
     try:
       return self._render(ex, record_id)
+    except (ImportError, MemoryError):  # the environment, not the record: stop the run
+      raise
     except Exception:  # noqa: BLE001  (a record must never end a run)
       return _Skip("render_error", record_id)
 
