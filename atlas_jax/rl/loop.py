@@ -5,6 +5,9 @@ config.model.hf_path or a fresh init. Each step samples G completions for each o
 prompts with the current params, scores them on the host, computes group advantages,
 takes the trainer's log-probs once (the "old" policy for the mu inner updates, and the
 reference for the sampler-vs-trainer drift metric), then applies mu updates. With
+optim.grad_accum = k > 1 the rollout batch is split into k micro-batches
+(`steps.micro_batches`) and each update accumulates their gradients (optax.MultiSteps):
+k micro-steps of state.step per update, so train.steps counts micro-steps as in SFT. With
 rl.dynamic_sampling (DAPO) groups whose rewards are all equal are dropped and further
 prompt batches drawn until B informative groups are in hand (`rollout.fill_groups`);
 rl.overlong_buffer adds DAPO's soft overlong penalty to the rewards. Every metric the
@@ -25,11 +28,11 @@ from atlas_jax.data import pipeline
 from atlas_jax.eval import in_training
 from atlas_jax.rl import grpo, rollout
 from atlas_jax.rl import rewards as rewards_lib
-from atlas_jax.rl.sampler import Sampler, SamplerSettings
-from atlas_jax.rl.update import rl_step, token_logps
+from atlas_jax.rl.sampler import Sampler
 from atlas_jax.train import run as run_lib
 from atlas_jax.train import optimizer as optimizer_lib
 from atlas_jax.train import plots, setup
+from atlas_jax.train import steps as steps_lib
 
 _PROMPT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
@@ -50,10 +53,8 @@ def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None)
               cfg.vision_end_token_id):
     allowed[tid] = False
   stop = tuple(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}))
-  settings = SamplerSettings(
-      max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
-      top_p=rl.top_p, greedy=greedy, stop_ids=stop, pad_id=tok.pad_token_id,
-      samples_per_prompt=rl.group_size if group_size is None else group_size)
+  settings = steps_lib.sampler_settings(rl, stop_ids=stop, pad_id=tok.pad_token_id,
+                                        greedy=greedy, group_size=group_size)
   return Sampler(cfg, settings, allowed)
 
 
@@ -144,6 +145,10 @@ def _draw(run, rl, sampler, iterator, params, key, sampled: dict, i: int):
 def train_rl(c, workdir: str):
   """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
+  per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
+  if c.train.steps % per_rollout:
+    raise ValueError(f"config.train.steps {c.train.steps} must be a multiple of "
+                     f"rl.inner_updates x optim.grad_accum = {per_rollout}")
   evals = in_training.TrainingEval.create(c)  # config.eval; None when off
   run, params = run_lib.start(c, workdir, c.train.steps)
   ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None
@@ -158,17 +163,14 @@ def train_rl(c, workdir: str):
   state = run_lib.maybe_restore(run, state, state_sh, iterator)
   sampler = sampler_for(run, rl)
   functional_ids = jnp.asarray(run.table.id_array)
-  chunk = c.train.logprob_chunk
-  old_logps = jax.jit(functools.partial(token_logps, run.model_config, chunk=chunk,
-                                        temperature=rl.temperature))
-  update = jax.jit(functools.partial(rl_step, config=run.model_config, optimizer=optimizer,
-                                     rl=rl, functional_ids=functional_ids, chunk=chunk),
-                   out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=0)
+  old_logps = steps_lib.old_logps_fn(c, run.model_config)
+  update = steps_lib.rl_update_fn(c, run.model_config, run.mesh, optimizer, state_sh,
+                                  functional_ids)
 
   last: dict = {}
   start_step = int(state.step)
   end = run_lib.stop_step(c, start_step)
-  for step in range(start_step // rl.inner_updates, end // rl.inner_updates):
+  for step in range(start_step // per_rollout, end // per_rollout):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.step_key(), 1)
     sampled = {"tokens": 0, "seconds": 0.0}
@@ -195,33 +197,36 @@ def train_rl(c, workdir: str):
         std=rl.adv_std)), run.mesh)
     batch = rollout.assemble(prompts, out, advantages, group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
-      batch["old_logp"], _ = old_logps(state.params, batch)
-      if ref_params is not None:
-        batch["ref_logp"], _ = old_logps(ref_params, batch)
+      micro = steps_lib.micro_batches(batch, optim.grad_accum, run.mesh)
+      for mb in micro:
+        mb["old_logp"], _ = old_logps(state.params, mb)
+        if ref_params is not None:
+          mb["ref_logp"], _ = old_logps(ref_params, mb)
       metrics = []
       for _ in range(rl.inner_updates):
-        state, m = update(state, batch)
-        metrics.append(m)
+        for mb in micro:
+          state, m = update(state, mb)
+          metrics.append(m)
     m = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[0]}
     m.update(reward=rollout.global_mean(total),
              **{f"reward_{k}": rollout.global_mean(v) for k, v in parts.items()},
              functional_per_completion=rollout.global_mean(
                  rollout.functional_counts(texts, run.table.tokens)),
              completion_length=rollout.global_mean(mask.sum(1)),
-             logp_drift=float(_logp_drift(batch)),
+             logp_drift=float(np.mean([float(_logp_drift(mb)) for mb in micro])),
              rollout_tokens_per_s=rollout.global_mean(sampled["tokens"])
              * jax.process_count() / max(sampled["seconds"], 1e-9), **ds_metrics,
              step_seconds=time.perf_counter() - t0,
              learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
     done = int(state.step)
-    if done % c.train.log_every < rl.inner_updates or done >= end:
+    if done % c.train.log_every < per_rollout or done >= end:
       run.writer.write(done, m, prefix="rl")
     last = m
     run.checkpointer.save(done, state, data_state=iterator.get_state(),
                           extra=run_lib.checkpoint_extra(run), force=done >= end)
     if evals is not None:
-      evals.maybe_run(run, state, done, end, stride=rl.inner_updates)
-    if done % c.train.log_every < rl.inner_updates or done >= end:
+      evals.maybe_run(run, state, done, end, stride=per_rollout)
+    if done % c.train.log_every < per_rollout or done >= end:
       plots.refresh(run.workdir, force=done >= end)
   run.checkpointer.wait()
   run.checkpointer.close()

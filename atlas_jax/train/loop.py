@@ -3,7 +3,6 @@ atlas_jax/train/run.py)."""
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -16,7 +15,7 @@ from atlas_jax.eval import in_training
 from atlas_jax.train import optimizer as optimizer_lib
 from atlas_jax.train import plots, setup
 from atlas_jax.train import run as run_lib
-from atlas_jax.train.sft import sft_step
+from atlas_jax.train import steps as steps_lib
 
 
 def train_sft(c, workdir: str, on_start=None):
@@ -25,9 +24,7 @@ def train_sft(c, workdir: str, on_start=None):
   metrics, Run)."""
   evals = in_training.TrainingEval.create(c)  # config.eval; None when off
   run, params = run_lib.start(c, workdir, c.train.steps)
-  optim = run_lib.resolve_optim(c)
-  optimizer = optimizer_lib.make_optimizer(optim)
-  schedule = optimizer_lib.learning_rate_schedule(optim)
+  optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
   state, state_sh = run_lib.create_state(run, params, optimizer)
   source = pipeline.open_source(run.data_report, "train")
   iterator = pipeline.sft_pipeline(source, **run_lib.data_options(c, run.tokenizer))
@@ -35,13 +32,8 @@ def train_sft(c, workdir: str, on_start=None):
   if on_start is not None:
     on_start(run, state)
 
-  step_fn = jax.jit(
-      functools.partial(sft_step, config=run.model_config, optimizer=optimizer,
-                        functional_ids=jnp.asarray(run.table.id_array),
-                        lr_schedule=lambda s: schedule(s // optim.grad_accum),
-                        chunk=c.train.logprob_chunk),
-      in_shardings=(state_sh, run_lib.batch_shardings(run.mesh)),
-      out_shardings=(state_sh, sharding.replicated(run.mesh)), donate_argnums=0)
+  step_fn = steps_lib.sft_step_fn(c, run.model_config, run.mesh, optimizer, state_sh,
+                                  jnp.asarray(run.table.id_array))
 
   last: dict = {}
   window: list = []

@@ -67,12 +67,19 @@ def resolve_optim(c):
   return optim
 
 
+def abstract_state(mesh, model_config, optimizer, params, seed: int):
+  """(TrainState of ShapeDtypeStructs, its shardings) for `params` (arrays or
+  ShapeDtypeStructs) under `optimizer`; allocates nothing."""
+  param_sh = sharding.param_shardings(mesh, model_config)
+  create = functools.partial(TrainState.create, optimizer=optimizer, seed=seed)
+  shapes = jax.eval_shape(create, params)
+  return shapes, sharding.state_shardings(mesh, shapes, param_sh)
+
+
 def create_state(run: Run, params, optimizer):
   """A TrainState born sharded (params are donated), and its shardings."""
-  param_sh = sharding.param_shardings(run.mesh, run.model_config)
+  _, state_sh = abstract_state(run.mesh, run.model_config, optimizer, params, run.config.seed)
   create = functools.partial(TrainState.create, optimizer=optimizer, seed=run.config.seed)
-  abstract = jax.eval_shape(create, params)
-  state_sh = sharding.state_shardings(run.mesh, abstract, param_sh)
   state = jax.jit(create, out_shardings=state_sh, donate_argnums=0)(params)
   return state, state_sh
 

@@ -1,0 +1,90 @@
+"""The jitted step functions a recipe trains with, built in one place from its config.
+
+`launch.train` (through `train_sft` and `train_rl`) and the AOT report (`atlas_jax.aot`)
+both call these builders, so the steps the report compiles for a TPU slice are the ones a
+run executes: same functions, same static settings, same shardings and donation.
+
+  sft_step_fn      SFT: (state, batch) -> (state, metrics), one micro-batch of
+                   data.batch_size rows (grad accumulation is optax.MultiSteps inside the
+                   optimizer: optim.grad_accum micro-steps per update)
+  old_logps_fn     RL: trainer log-probs of a rollout batch (the "old" policy)
+  rl_update_fn     RL: (state, rollout batch) -> (state, metrics), the LA-GRPO update
+  micro_batches    RL: a rollout batch split into optim.grad_accum micro-batches
+  sampler_settings RL: the sampler's static settings from the rl group
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from atlas_jax import sharding
+from atlas_jax.rl.sampler import SamplerSettings
+from atlas_jax.rl.update import rl_step, token_logps
+from atlas_jax.train import optimizer as optimizer_lib
+from atlas_jax.train import run as run_lib
+from atlas_jax.train.sft import sft_step
+
+
+def sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
+  """The jitted SFT step (state donated). The batch is the pipeline's device batch
+  (`run.BATCH_RANKS` fields), sharded over data x fsdp."""
+  optim = run_lib.resolve_optim(c)
+  schedule = optimizer_lib.learning_rate_schedule(optim)
+  return jax.jit(
+      functools.partial(sft_step, config=model_config, optimizer=optimizer,
+                        functional_ids=functional_ids,
+                        lr_schedule=lambda s: schedule(s // optim.grad_accum),
+                        chunk=c.train.logprob_chunk),
+      in_shardings=(state_sh, run_lib.batch_shardings(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def old_logps_fn(c, model_config):
+  """The jitted trainer log-prob pass: (params, rollout batch) -> (logp, entropy)
+  float32[R, L] each (prediction layout); shardings follow the arguments."""
+  return jax.jit(functools.partial(token_logps, model_config, chunk=c.train.logprob_chunk,
+                                   temperature=c.rl.temperature))
+
+
+def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
+  """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
+  fields plus old_logp, and ref_logp when rl.beta > 0)."""
+  return jax.jit(functools.partial(rl_step, config=model_config, optimizer=optimizer,
+                                   rl=c.rl, functional_ids=functional_ids,
+                                   chunk=c.train.logprob_chunk),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def sampler_settings(rl, *, stop_ids, pad_id: int, greedy: bool = False,
+                     group_size: int | None = None) -> SamplerSettings:
+  """The rollout sampler's static settings from an rl group (group_size: samples per
+  prompt, default rl.group_size)."""
+  return SamplerSettings(
+      max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, top_k=rl.top_k,
+      top_p=rl.top_p, greedy=greedy, stop_ids=tuple(stop_ids), pad_id=pad_id,
+      samples_per_prompt=rl.group_size if group_size is None else group_size)
+
+
+def micro_batches(batch: dict, count: int, mesh) -> list[dict]:
+  """A rollout batch (R rows, sharded over data x fsdp) as `count` micro-batches of R /
+  count rows: row r goes to micro-batch r % count, so each batch shard keeps its own rows
+  and no rows move between chips. count 1: [batch] itself."""
+  if count == 1:
+    return [batch]
+  rows = batch["input_ids"].shape[0]
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % (count * shards):
+    raise ValueError(f"the rollout batch's {rows} rows (rl.prompts_per_step x rl.group_size) "
+                     f"do not split into optim.grad_accum = {count} micro-batches over "
+                     f"{shards} batch shards")
+  return list(_split(batch, count, mesh))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _split(batch: dict, count: int, mesh) -> tuple[dict, ...]:
+  pick = lambda x, i: jax.lax.with_sharding_constraint(
+      x.reshape(x.shape[0] // count, count, *x.shape[1:])[:, i],
+      sharding.batch_sharding(mesh, x.ndim))
+  return tuple({k: pick(v, i) for k, v in batch.items()} for i in range(count))
