@@ -1,13 +1,36 @@
-"""Ahead-of-time compilation of the real-size steps for TPU slices, without TPUs.
+"""Ahead-of-time compilation of a recipe's steps for TPU slices, without TPUs.
 
 libtpu (the `tpu` extra) lets `jax.experimental.topologies` describe a slice such as
-"v5e:4x4" on any machine; jitted functions lowered with abstract, sharded arguments over a
-mesh of those devices compile for it, and the compiled executable reports its per-chip
-memory and FLOPs. Nothing is allocated.
+"v5e:4x4" on any machine. `compile_recipe(c, topology)` builds, from a recipe config, the
+very step functions `launch.train` runs (`atlas_jax.train.steps`, `rl.sampler`'s jitted
+prefill and decode), lowers them with abstract, sharded arguments (abstract params, the
+recipe's optimizer state, batches shaped by its data config) over the recipe's mesh on
+that slice's devices, and compiles them; the executables report their per-chip memory,
+FLOPs and bytes accessed. Nothing is allocated.
+
+Steps: an sft recipe has `sft` (one micro-batch: data.batch_size rows of data.max_length;
+optim.grad_accum of them make an update). An rl recipe has `prefill` and `decode` (the
+sampler, rl.prompts_per_step prompts of data.max_length, rl.group_size samples of
+rl.max_new_tokens each), `old-logp` (the trainer's log-prob pass) and `la-grpo` (the
+update), both over one micro-batch of the rollout batch: prompts x group_size /
+optim.grad_accum rows of data.max_length + rl.max_new_tokens tokens, the length
+`rollout.assemble` gives them.
+
+Roofline: time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per chip, and
+MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body of a
+while loop once, and the decoder and vision layers are scanned: the compiled counts are
+corrected by the ratio of the unoptimised counts of the same step lowered twice, once as
+compiled and once with the layer scans unrolled (`_unrolled_layers`), except the sampler's
+bytes: its layers carry the stacked KV cache, which XLA counts whole in the scanned body
+(and the unrolled module at every layer), so they are left as compiled, an upper bound
+dominated by the cache. The log-prob chunk loop (train.logprob_chunk) stays counted once;
+its missing LM-head FLOPs are added analytically. The decode step's counts are those of one generated token; its roofline time
+is that of rl.max_new_tokens tokens (every row generating to the end).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -16,19 +39,26 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from atlas_jax import sharding
-from atlas_jax.model import from_size
+from atlas_jax.model import abstract_params, from_size, layers
 from atlas_jax.rl import sampler as sampler_lib
-from atlas_jax.rl.update import rl_step
 from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train.sft import sft_step
-from atlas_jax.train.state import TrainState
+from atlas_jax.train import run as run_lib
+from atlas_jax.train import setup
+from atlas_jax.train import steps as steps_lib
 
 GIB = 2**30
-# HBM per chip, GiB (public TPU specs).
-HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+# Per chip: HBM GiB, peak dense bf16 FLOP/s, HBM bytes/s. Published figures, Cloud TPU
+# system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
+CHIPS = {
+    "v4": (32, 275e12, 1228e9),
+    "v5e": (16, 197e12, 819e9),
+    "v5litepod": (16, 197e12, 819e9),
+    "v5p": (95, 459e12, 2765e9),
+    "v6e": (32, 918e12, 1640e9),
+}
+HBM_GIB = {k: v[0] for k, v in CHIPS.items()}
 
 
 @dataclasses.dataclass
@@ -44,10 +74,19 @@ class Report:
   alias_gib: float
   total_gib: float
   hbm_gib: float
-  tflops: float
+  tflops: float             # XLA's count per chip, scanned layers counted once
   compile_s: float
-  model_tflops: float = 0.0
+  model_tflops: float = 0.0  # analytic, per chip, without remat
   attention: str = "xla"
+  recipe: str = ""
+  length: int = 0
+  grad_accum: int = 1
+  flops_tflops: float = 0.0  # XLA's count per chip, corrected for scanned layers
+  xla_bytes_gb: float = 0.0  # XLA's bytes accessed per chip (1e9), layers counted once
+  bytes_gb: float = 0.0      # the same, corrected for scanned layers
+  roofline_s: float = 0.0
+  mfu: float = 0.0
+  compiled: bool = True      # False: the compiler rejected it for HBM (sizes from its message)
 
   @property
   def fits(self) -> bool:
@@ -60,56 +99,94 @@ def topology_devices(topology: str):
   return topologies.get_topology_desc(topology, "tpu").devices
 
 
-def _model_flops(config, step: str, rows: int, length: int, new_tokens: int,
-                 n_params: int) -> float:
-  """Analytic FLOPs of one step (no rematerialisation): 2 per parameter per token forward,
-  6 with the backward pass, plus causal attention scores and mixing (2 x 2 x L x D x T^2/2
-  per sequence forward). Vision patches are counted as tokens of the same model."""
-  t = config.text
-  attention = 2 * t.num_hidden_layers * t.num_attention_heads * t.head_dim * length * length
-  if step == "sampler":  # prefill + decode, forward only
-    return rows * (2 * n_params * length + attention)
-  return rows * 3 * (2 * n_params * length + attention)
-
-
 def chip_count(topology: str) -> int:
   """Chips in a slice description: "v5e:4x4" -> 16, "v5p:4x4x4" -> 64."""
   return math.prod(int(d) for d in topology.split(":")[1].split("x"))
 
 
 def default_optim(total_steps: int = 1000):
-  o = ml_collections.ConfigDict(dict(
-      lr=1e-5, warmup_steps=10, total_steps=total_steps, final_lr_fraction=0.1,
-      weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1,
-      freeze_vision=False))
-  return o
+  """The base config's optim group with a fixed schedule length (for launch.bench)."""
+  from configs.base import base_config
+  optim = base_config().optim
+  optim.total_steps = total_steps
+  return optim
 
 
 def default_rl():
-  return ml_collections.ConfigDict(dict(
-      temperature=1.0, clip_low=0.2, clip_high=0.28, loss_agg="token-mean", beta=0.0,
-      kl_estimator="k3", tis_cap=0.0, alpha=0.1, anchor="pg"))
+  """The base config's rl group."""
+  from configs.base import base_config
+  return base_config().rl
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
+def model_config(c):
+  """The ModelConfig `setup.load_model` builds for a recipe without weights (tiny's vocab is
+  not refitted to a tokenizer here)."""
+  return from_size(c.model.size, dtype=c.model.dtype, remat=c.model.remat,
+                   attention_chunk=c.model.attention_chunk,
+                   attention_impl=c.model.get("attention_impl", "xla"))
 
 
-def _batch(mesh, shapes: dict):
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-          for k, (shape, dtype) in shapes.items()}
+def param_counts(config) -> tuple[int, int]:
+  """(text params doing matmuls per token: decoder + LM head, vision tower params)."""
+  params = abstract_params(config)
+  size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  vision = size(params["visual"])
+  text = size(params) - vision
+  if not config.text.tie_word_embeddings:
+    text -= size(params["embed"])  # a lookup, not a matmul
+  return text, vision
 
 
-def _analyse(compiled, hbm_gib) -> dict:
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  arg, temp = mem.argument_size_in_bytes / GIB, mem.temp_size_in_bytes / GIB
-  out, alias = mem.output_size_in_bytes / GIB, mem.alias_size_in_bytes / GIB
-  return dict(argument_gib=arg, temp_gib=temp, output_gib=out, alias_gib=alias,
-              total_gib=arg + temp + out - alias, hbm_gib=hbm_gib,
-              tflops=float(cost.get("flops", 0.0)) / 1e12)
+def model_flops(config, step: str, *, rows: int, length: int, patches: int,
+                new_tokens: int = 0) -> float:
+  """Analytic FLOPs of one step, all chips, without rematerialisation: 2 per matmul
+  parameter per token (text) or patch (vision) forward, 3x that with the backward pass,
+  plus attention (causal 2 x L x N x H x T^2 text; vision full-attention blocks over all
+  patches, window blocks over their windows). `decode` is one token per row against a
+  cache of `length` + `new_tokens` / 2 slots on average."""
+  n_text, n_vision = param_counts(config)
+  t, v = config.text, config.vision
+  vision_window = (v.window_size // v.patch_size) ** 2
+  full = len(v.fullatt_block_indexes)
+  vision_attention = 4 * v.hidden_size * patches * (
+      full * patches + (v.depth - full) * min(vision_window, patches))
+  if step == "decode":
+    cache = length + new_tokens / 2
+    return rows * (2 * n_text + 4 * t.num_hidden_layers * t.num_attention_heads * t.head_dim
+                   * cache)
+  forward = (2 * n_text * length + 2 * t.num_hidden_layers * t.num_attention_heads
+             * t.head_dim * length**2 + 2 * n_vision * patches + vision_attention)
+  return rows * forward * (1 if step in ("prefill", "old-logp") else 3)
+
+
+@contextlib.contextmanager
+def _unrolled_layers():
+  """`layers.scan_layers` emitting every layer (nn.scan unroll=length), for cost counts."""
+  scan = layers.scan_layers
+
+  def unrolled(block_cls, length, in_axes):
+    import flax.linen as nn
+    return nn.scan(block_cls, variable_axes={"params": 0, layers.ATTENTION_COLLECTION: 0},
+                   split_rngs={"params": True}, in_axes=in_axes, length=length, unroll=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+  layers.scan_layers = unrolled
+  try:
+    yield
+  finally:
+    layers.scan_layers = scan
+
+
+def _costs(cost) -> tuple[float, float]:
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _unoptimised_costs(lowered) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) of a lowered, not yet partitioned or optimised module, counted
+  by XLA's HLO cost analysis on the host (a TPU topology has no client to count them)."""
+  from jax._src.lib import _jax  # noqa: PLC0415  (the analysis Lowered.cost_analysis runs)
+  module = lowered.compiler_ir("hlo").as_hlo_module()
+  return _costs(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
 
 
 _OOM = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
@@ -121,130 +198,259 @@ def _shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
 
 
-def _out_of_memory(error, args, hbm_gib, lowered) -> dict:
-  """Report fields for a step the compiler rejected for exceeding HBM: arguments from their
-  shardings, temporaries from the compiler's message; re-raises any other error."""
-  m = _OOM.search(str(error))
-  if "RESOURCE_EXHAUSTED" not in str(error) or not m:
-    raise error
-  temp = float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1) / GIB
-  arg = _shard_bytes(args) / GIB
-  flops = (lowered.cost_analysis() or {}).get("flops", 0.0)
-  return dict(argument_gib=arg, temp_gib=temp, output_gib=0.0, alias_gib=0.0,
-              total_gib=arg + temp, hbm_gib=hbm_gib, tflops=float(flops) / 1e12)
+def _memory(lowered, args, hbm_gib):
+  """(memory fields, compiled or None): from the executable, or, for a step the compiler
+  rejects for exceeding HBM, arguments from their shardings and temporaries from the
+  compiler's message; any other error is raised."""
+  try:
+    compiled = lowered.compile()
+  except Exception as error:  # the TPU compiler refuses programs that exceed HBM
+    m = _OOM.search(str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or not m:
+      raise
+    temp = float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1) / GIB
+    arg = _shard_bytes(args) / GIB
+    return dict(argument_gib=arg, temp_gib=temp, output_gib=0.0, alias_gib=0.0,
+                total_gib=arg + temp, hbm_gib=hbm_gib, compiled=False), None
+  mem = compiled.memory_analysis()
+  arg, temp = mem.argument_size_in_bytes / GIB, mem.temp_size_in_bytes / GIB
+  out, alias = mem.output_size_in_bytes / GIB, mem.alias_size_in_bytes / GIB
+  return dict(argument_gib=arg, temp_gib=temp, output_gib=out, alias_gib=alias,
+              total_gib=arg + temp + out - alias, hbm_gib=hbm_gib), compiled
 
 
-def compile_steps(size: str, topology: str, *, mesh_shape: dict, batch: int, length: int,
-                  patches: int, new_tokens: int, steps=("sft", "la-grpo", "sampler"),
-                  remat: str = "dots_no_batch", chunk: int = 512, group_size: int = 8,
-                  attention_chunk: int = 0, attention_impl: str = "xla",
-                  sampler_prompts: int | None = None, devices=None,
-                  hbm_gib: float | None = None) -> list[Report]:
-  """Compiles the chosen steps of one model size for one slice; returns their reports.
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
 
-  batch: global sequences per step (SFT and LA-GRPO; <= 0: one per batch shard),
-  length: tokens per sequence,
-  patches: vision patches per sequence (one image), new_tokens: sampler completion length
-  (the sampler's prompt length is length - new_tokens). sampler_prompts: prompts per
-  rollout call (default: batch / group_size, rounded up to the mesh's data x fsdp batch
-  shards, since every shard needs at least one prompt); each yields group_size rows.
-  """
+
+def _batch(mesh, shapes: dict) -> dict:
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def _sampler_state_shardings(mesh, shapes):
+  """The prefill's output shardings, for a prefill that did not compile: the KV cache by
+  `sampler.CACHE_AXES`, per-row fields over the batch shards, scalars replicated."""
+  rows = shapes.done.shape[0]
+  cache = sharding.logical_to_shardings(mesh, jax.sharding.PartitionSpec(*sampler_lib.CACHE_AXES),
+                                        sharding.SAMPLING_RULES)
+  per_leaf = lambda x: (sharding.batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == rows
+                        else sharding.replicated(mesh))
+  out = jax.tree.map(per_leaf, shapes)
+  return out.replace(cache=jax.tree.map(lambda _: cache, shapes.cache))
+
+
+def recipe_mesh(c, devices):
+  """`setup.make_mesh` over `devices` (a slice's), with its batch-divisibility check, and the
+  rl prompt count's (the sampler shards prompts over data x fsdp)."""
+  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp,
+                             "tensor": c.mesh.tensor}, devices=devices)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  counts = [("data.batch_size", c.data.batch_size)]
+  if c.recipe == "rl":
+    counts.append(("rl.prompts_per_step", c.rl.prompts_per_step))
+  for name, count in counts:
+    if count % shards:
+      raise ValueError(f"config.{name} {count} is not divisible by the mesh's data x fsdp = "
+                       f"{shards} batch shards")
+  return mesh
+
+
+def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
+                   hbm_gib: float | None = None, steps=None) -> list[Report]:
+  """Compiles a recipe config's steps (default all; see the module docstring) for one
+  slice, e.g. "v5e:4x4"; returns their reports. `recipe` names the config in them."""
+  setup.validate_config(c)
   devices = topology_devices(topology) if devices is None else devices
-  if hbm_gib is None:
-    hbm_gib = HBM_GIB[topology.split(":")[0]]
-  mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  if batch <= 0:
-    batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  hbm, peak, bandwidth = CHIPS[topology.split(":")[0]]
+  hbm_gib = hbm if hbm_gib is None else hbm_gib
+  mesh = recipe_mesh(c, devices)
+  config = model_config(c)
+  optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
+  state_shape, state_sh = run_lib.abstract_state(mesh, config, optimizer,
+                                                 abstract_params(config), c.seed)
+  state = _abstract(state_shape, state_sh)
+  functional_ids = jnp.arange(len(c.functional_tokens.tokens), dtype=jnp.int32)
+  d, rl, chunk = c.data, c.rl, c.train.logprob_chunk
+  images = lambda rows: {"pixel_values": ((rows, d.max_patches, config.vision.patch_dim),
+                                          jnp.float32),
+                         "image_grid_thw": ((rows, d.max_images, 3), jnp.int32)}
+  n_devices = len(devices)
+  reports = []
+
+  def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
+          logit_passes=0):
+    """Compiles `lower(fresh=False)` (the loop's jitted function lowered on `args`) and
+    appends its report; `lower(fresh=True)` must lower a new jit of the same function (so
+    that the unrolled variant is traced anew)."""
+    t0 = time.perf_counter()
+    with sharding.with_rules(mesh, rules):
+      lowered = lower(False)
+      stats, compiled = _memory(lowered, args, hbm_gib)
+      compile_s = time.perf_counter() - t0
+      with _unrolled_layers():
+        unrolled = lower(True)
+    scanned_flops, scanned_bytes = _unoptimised_costs(lowered)
+    full_flops, full_bytes = _unoptimised_costs(unrolled)
+    if compiled is not None:
+      flops, nbytes = _costs(compiled.cost_analysis())
+    else:  # rejected for HBM: the unoptimised counts, split evenly over the chips
+      flops, nbytes = scanned_flops / n_devices, scanned_bytes / n_devices
+    xla_flops, xla_bytes = flops, nbytes
+    flops *= full_flops / max(scanned_flops, 1.0)
+    # The sampler's layers carry the stacked KV cache, which XLA counts whole (read and
+    # written) in the scanned body already, and the unrolled module at every layer: its
+    # bytes are left as compiled (an upper bound dominated by the cache).
+    if name not in ("prefill", "decode"):
+      nbytes *= full_bytes / max(scanned_bytes, 1.0)
+    chunks = length // min(chunk, length)
+    flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, length)
+              * config.text.hidden_size * config.text.vocab_size / n_devices)
+    # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
+    seconds = tokens * max(flops / peak, nbytes / bandwidth) if compiled is not None else 0.0
+    analytic = model_flops(config, name, rows=rows, length=length, patches=d.max_patches,
+                           new_tokens=rl.max_new_tokens) * tokens / n_devices
+    reports.append(Report(
+        size=c.model.size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
+        compile_s=compile_s, attention=config.attention_impl, recipe=recipe, length=length,
+        grad_accum=c.optim.grad_accum if name in ("sft", "la-grpo") else 1,
+        tflops=xla_flops / 1e12, model_tflops=analytic / 1e12, flops_tflops=flops / 1e12,
+        xla_bytes_gb=xla_bytes / 1e9, bytes_gb=nbytes / 1e9, roofline_s=seconds,
+        mfu=analytic / (seconds * peak) if seconds else 0.0, **stats))
+    return compiled
+
+  mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1"
+  wanted = lambda name: steps is None or name in steps
+  if c.recipe == "sft" and wanted("sft"):
+    b, t = d.batch_size, d.max_length
+    batch = _batch(mesh, dict(
+        images(b), input_ids=((b, t), jnp.int32), attention_mask=((b, t), jnp.int32),
+        loss_mask=((b, t), jnp.int32), position_ids=((b, 3, t), jnp.int32),
+        valid=((b,), jnp.int32)))
+    run("sft", lambda fresh: steps_lib.sft_step_fn(c, config, mesh, optimizer, state_sh,
+                                                   functional_ids).lower(state, batch),
+        (state, batch), rows=b, length=t, logit_passes=4)
+  if c.recipe != "rl":
+    return reports
+  prompts, t, n, g = rl.prompts_per_step, d.max_length, rl.max_new_tokens, rl.group_size
+  if wanted("prefill") or wanted("decode"):  # the decode needs the prefill's shardings
+    settings = steps_lib.sampler_settings(rl, stop_ids=(1,), pad_id=0)
+    allowed = jax.ShapeDtypeStruct((config.text.vocab_size,), jnp.bool_,
+                                   sharding=sharding.replicated(mesh))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+    p = _batch(mesh, dict(images(prompts), input_ids=((prompts, t), jnp.int32),
+                          attention_mask=((prompts, t), jnp.int32)))
+    prefill_args = (state.params, p["input_ids"], p["attention_mask"], p["pixel_values"],
+                    p["image_grid_thw"], key, allowed)
+    jitted = lambda fresh, loops, f, **kw: (  # the loop's own jit, or a new one like it
+        jax.jit(functools.partial(f), static_argnums=0, static_argnames=("config", "settings"),
+                **kw)  # (a new function object: jax's trace cache would return the old trace)
+        if fresh else loops)
+    compiled = run("prefill", lambda fresh: jitted(
+        fresh, sampler_lib._prefill_jit, sampler_lib.prefill).lower(
+            config, *prefill_args, settings=settings), prefill_args, rows=prompts, length=t,
+        rules=sharding.SAMPLING_RULES)
+    if wanted("decode"):
+      shapes = jax.eval_shape(lambda *a: sampler_lib.prefill(config, *a, settings=settings),
+                              *prefill_args)
+      sampler_state = _abstract(shapes, compiled.output_shardings if compiled is not None
+                                else _sampler_state_shardings(mesh, shapes))
+      run("decode", lambda fresh: jitted(
+          fresh, sampler_lib._decode_jit, sampler_lib.decode, donate_argnums=2).lower(
+              config, state.params, sampler_state, allowed, settings=settings),
+          (state.params, sampler_state), rows=prompts * g, length=t,
+          rules=sharding.SAMPLING_RULES, tokens=n)
+  r, length = prompts * g // c.optim.grad_accum, t + n  # one micro-batch (steps.micro_batches)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (prompts * g) % (c.optim.grad_accum * shards):
+    raise ValueError(f"config.rl.prompts_per_step x rl.group_size = {prompts * g} rollouts do "
+                     f"not split into optim.grad_accum = {c.optim.grad_accum} micro-batches "
+                     f"over {shards} batch shards")
+  per_token = ((r, length), jnp.float32)
+  batch = _batch(mesh, dict(images(r), input_ids=((r, length), jnp.int32),
+                            attention_mask=((r, length), jnp.int32),
+                            completion_mask=((r, length), jnp.int32), sampler_logp=per_token,
+                            advantages=((r,), jnp.float32)))
+  if wanted("old-logp"):
+    run("old-logp", lambda fresh: steps_lib.old_logps_fn(c, config).lower(state.params, batch),
+        (state.params, batch), rows=r, length=length, logit_passes=1)
+  update_batch = dict(batch, **_batch(mesh, dict(old_logp=per_token)))
+  if rl.beta > 0:
+    update_batch.update(_batch(mesh, dict(ref_logp=per_token)))
+  if wanted("la-grpo"):
+    run("la-grpo", lambda fresh: steps_lib.rl_update_fn(
+        c, config, mesh, optimizer, state_sh, functional_ids).lower(state, update_batch),
+        (state, update_batch), rows=r, length=length, logit_passes=4)
+  return reports
+
+
+# Flag-mode step names -> the recipe steps they compile.
+STEP_GROUPS = {"sft": ("sft",), "sampler": ("prefill", "decode"),
+               "la-grpo": ("old-logp", "la-grpo")}
+
+
+def flag_configs(size: str, *, mesh_shape: dict, batch: int, length: int, patches: int,
+                 new_tokens: int, remat: str, chunk: int, group_size: int,
+                 attention_chunk: int, attention_impl: str, sampler_prompts: int | None,
+                 devices) -> tuple:
+  """(sft config, rl config) built from the base config's groups for launch.aot_report's
+  flag mode. batch: sequences per SFT step (<= 0: one per batch shard); length: SFT length
+  and the rollout length (prompt = length - new_tokens); sampler_prompts: prompts per
+  rollout (default batch / group_size, rounded up to the batch shards)."""
+  from configs.base import base_config
+  shards = sharding.resolve_mesh_shape(mesh_shape, len(devices))
+  shards = shards["data"] * shards["fsdp"]
+  batch = batch if batch > 0 else shards
   if attention_impl != "xla":
     attention_chunk = 0  # the kernels never hold [T, S] logits; chunking is the einsum's
-  config = from_size(size, dtype="bfloat16", remat=remat, attention_chunk=attention_chunk,
-                     attention_impl=attention_impl)
-  param_sh = sharding.param_shardings(mesh, config)
-  from atlas_jax.model import abstract_params
-  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
-  params = _abstract(abstract_params(config), param_sh)
-  optimizer = optimizer_lib.make_optimizer(default_optim())
-  create = functools.partial(TrainState.create, optimizer=optimizer, seed=0)
-  state_shape = jax.eval_shape(create, abstract_params(config))
-  state_sh = sharding.state_shardings(mesh, state_shape, param_sh)
-  state = _abstract(state_shape, state_sh)
-  pd = config.vision.patch_dim
-  common = {"input_ids": ((batch, length), jnp.int32),
-            "attention_mask": ((batch, length), jnp.int32),
-            "pixel_values": ((batch, patches, pd), jnp.float32),
-            "image_grid_thw": ((batch, 1, 3), jnp.int32)}
-  functional_ids = jnp.arange(5, dtype=jnp.int32)
-  mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1"
+  configs = []
+  for recipe, t in (("sft", length), ("rl", length - new_tokens)):
+    c = base_config()
+    c.recipe, c.model.size, c.model.dtype, c.model.remat = recipe, size, "bfloat16", remat
+    c.model.attention_chunk, c.model.attention_impl = attention_chunk, attention_impl
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (mesh_shape[k] for k in sharding.AXES)
+    c.data.batch_size, c.data.max_length, c.data.length_buckets = batch, t, (t,)
+    c.data.max_patches, c.data.max_pixels = patches, patches * 196
+    c.train.logprob_chunk = chunk
+    c.rl.group_size, c.rl.max_new_tokens = group_size, new_tokens
+    c.rl.prompts_per_step = sampler_prompts or -(-max(batch // group_size, 1) // shards) * shards
+    configs.append(c)
+  return tuple(configs)
+
+
+def compile_steps(size: str, topology: str, *, steps=("sft", "la-grpo", "sampler"),
+                  devices=None, hbm_gib: float | None = None, **flags) -> list[Report]:
+  """Flag mode: the steps (STEP_GROUPS names) of one size for one slice, from configs
+  `flag_configs(size, **flags)` builds; returns their reports."""
+  devices = topology_devices(topology) if devices is None else devices
+  sft_config, rl_config = flag_configs(size, devices=devices, **flags)
   reports = []
-  replicated = sharding.replicated(mesh)
-
-  def run(name, rows, fn, *args, **jit_kwargs):
-    t0 = time.perf_counter()
-    with sharding.with_rules(mesh, sharding.SAMPLING_RULES if name == "sampler"
-                             else sharding.RULES):
-      lowered = jax.jit(fn, **jit_kwargs).lower(*args)
-      try:
-        stats = _analyse(lowered.compile(), hbm_gib)
-      except Exception as e:  # the TPU compiler refuses programs that exceed HBM
-        stats = _out_of_memory(e, args, hbm_gib, lowered)
-    reports.append(Report(size=size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
-                          compile_s=time.perf_counter() - t0, attention=attention_impl,
-                          model_tflops=_model_flops(config, name, rows, length, new_tokens,
-                                                    n_params) / len(devices) / 1e12,
-                          **stats))
-
-  if "sft" in steps:
-    b = _batch(mesh, dict(common, loss_mask=((batch, length), jnp.int32),
-                          position_ids=((batch, 3, length), jnp.int32)))
-    run("sft", batch, functools.partial(sft_step, config=config, optimizer=optimizer,
-                                 functional_ids=functional_ids, chunk=chunk), state, b,
-        out_shardings=(state_sh, replicated), donate_argnums=0)
-  if "la-grpo" in steps:
-    per_token = ((batch, length), jnp.float32)
-    b = _batch(mesh, dict(common, completion_mask=((batch, length), jnp.int32),
-                          old_logp=per_token, sampler_logp=per_token,
-                          advantages=((batch,), jnp.float32)))
-    run("la-grpo", batch, functools.partial(rl_step, config=config, optimizer=optimizer,
-                                     rl=default_rl(), functional_ids=functional_ids,
-                                     chunk=chunk), state, b,
-        out_shardings=(state_sh, replicated), donate_argnums=0)
-  if "sampler" in steps:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    prompts = sampler_prompts or -(-max(batch // group_size, 1) // shards) * shards
-    t = length - new_tokens
-    settings = sampler_lib.SamplerSettings(max_new_tokens=new_tokens, temperature=1.0,
-                                           samples_per_prompt=group_size, stop_ids=(1,))
-    allowed = jnp.ones((config.text.vocab_size,), bool)
-    p = _batch(mesh, {"input_ids": ((prompts, t), jnp.int32),
-                      "attention_mask": ((prompts, t), jnp.int32),
-                      "pixel_values": ((prompts, patches, pd), jnp.float32),
-                      "image_grid_thw": ((prompts, 1, 3), jnp.int32)})
-
-    def sample(params, batch, rng):
-      state = sampler_lib.prefill(config, params, batch["input_ids"], batch["attention_mask"],
-                                  batch["pixel_values"], batch["image_grid_thw"], rng, allowed,
-                                  settings)
-      return sampler_lib.decode(config, params, state, allowed, settings).tokens
-
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    run("sampler", prompts * group_size, sample, params, p, key)
+  for c, names in ((sft_config, ("sft",)), (rl_config, ("sampler", "la-grpo"))):
+    wanted = [s for name in names if name in steps for s in STEP_GROUPS[name]]
+    if wanted:
+      reports += compile_recipe(c, topology, recipe=f"flags:{size}", devices=devices,
+                                hbm_gib=hbm_gib, steps=wanted)
   return reports
 
 
 def format_table(reports: list[Report]) -> str:
-  head = (f"{'size':<16}{'slice':<10}{'step':<9}{'attn':<7}{'mesh':<18}{'rows':>5}{'args':>8}{'temp':>8}"
-          f"{'total':>8}{'HBM':>6}{'fits':>6}{'TFLOP':>8}{'compile':>9}")
+  head = (f"{'size':<15}{'slice':<10}{'step':<9}{'mesh':<19}{'rows':>5}{'len':>6}{'args':>7}"
+          f"{'temp':>7}{'total':>7}{'HBM':>5}{'fits':>5}{'TFLOP':>8}{'step s':>8}"
+          f"{'MFU':>6}{'compile':>9}")
   lines = [head, "-" * len(head)]
   for r in reports:
-    lines.append(f"{r.size:<16}{r.topology:<10}{r.step:<9}{r.attention:<7}{r.mesh:<18}{r.rows:>5}"
-                 f"{r.argument_gib:>8.2f}"
-                 f"{r.temp_gib:>8.2f}{r.total_gib:>8.2f}{r.hbm_gib:>6.0f}"
-                 f"{'yes' if r.fits else 'NO':>6}{r.model_tflops:>8.1f}{r.compile_s:>8.1f}s")
-  lines.append("TFLOP: model FLOPs per chip per step (analytic, without remat; XLA's own "
-               "count, in the JSON as tflops, sees a scanned layer once).")
-  lines.append("attn: model.attention_impl (xla: einsums, query-chunked by "
-               "--attention_chunk; splash: Pallas splash kernels, no chunking).")
-  lines.append("rows: sequences per step (sampler: prompts x group size). "
-               "GiB per chip: args = params + optimizer state + batch (sharded), temp = "
-               "activations and scratch, total = args + temp + outputs - donated aliases.")
+    lines.append(f"{r.size:<15}{r.topology:<10}{r.step:<9}{r.mesh:<19}{r.rows:>5}{r.length:>6}"
+                 f"{r.argument_gib:>7.2f}{r.temp_gib:>7.2f}{r.total_gib:>7.2f}"
+                 f"{r.hbm_gib:>5.0f}{'yes' if r.fits else 'NO':>5}{r.model_tflops:>8.1f}"
+                 + (f"{r.roofline_s:>8.3f}{r.mfu:>6.0%}" if r.compiled else f"{'-':>8}{'-':>6}")
+                 + f"{r.compile_s:>8.1f}s")
+  lines.append("rows x len: sequences x tokens per compiled step (sft, la-grpo: one "
+               "micro-batch, optim.grad_accum per update; decode: prompts x group size, "
+               "len = prompt). GiB per chip: args = params + optimizer state + batch, "
+               "temp = activations and scratch, total = args + temp + outputs - donated.")
+  lines.append("TFLOP: analytic model FLOPs per chip (no remat). step s: roofline "
+               "max(XLA FLOPs / peak, XLA bytes / HBM bandwidth), counts corrected for "
+               "scanned layers (prefill, decode: bytes as compiled, an upper bound; decode: "
+               "all new tokens); MFU = TFLOP / (step s x peak); '-': rejected for HBM.")
   return "\n".join(lines)

@@ -7,10 +7,35 @@
       --config.model.init_checkpoint=/ckpt/sft7b/checkpoints \
       --config.tokenizer.path=/ckpt/sft7b/tokenizer --config.data.train_jsonl=/data/rl.jsonl
 
-`--config.rl.alpha=0` is plain GRPO.
+`--config.rl.alpha=0` is plain GRPO. A published size defaults to the mesh, remat,
+attention chunking and micro-batching proven to fit its slice in `FITS` (3B v5e:2x4, 7B
+v5e:4x4, 32B and 72B v5p:2x2x4).
 """
 
 from configs.base import base_config
+
+UPDATES = 500
+# Per published size, the settings proven to fit the slice named (the smallest of the
+# README's AOT table), by `python -m launch.aot_report --config=configs/rl.py:<size>
+# --topology=<slice>` (README, "Memory at scale"): mesh.tensor (fsdp takes the rest) and the
+# Adam moments' dtype. Each update takes rl.prompts_per_step x rl.group_size = 512
+# rollouts in micro-batches of one row per data x fsdp batch shard (optim.grad_accum of
+# them); remat=full and attention_chunk=1024 for all.
+# The sampler encodes every prompt's image at once (rl.prompts_per_step of them), and the
+# vision tower's attention holds [heads, patches, patches] per image: on 16 GiB v5e chips
+# images are capped at 2,048 patches (512 merged tokens, data.max_pixels 28*28*512); at
+# 5,120 the 7B prefill needs 22.7 GiB per chip on v5e:4x4.
+FITS = {  # batch_shards: data x fsdp on that slice = chips / tensor
+    "qwen2.5-vl-3b": dict(slice="v5e:2x4", tensor=2, batch_shards=4, moments="float32",
+                          patches=2048),
+    "qwen2.5-vl-7b": dict(slice="v5e:4x4", tensor=4, batch_shards=4, moments="float32",
+                          patches=2048),
+    # 32B: on v5p:2x2x2 (2 batch shards) the decode needs 179 GiB per chip.
+    "qwen2.5-vl-32b": dict(slice="v5p:2x2x4", tensor=4, batch_shards=4, moments="bfloat16",
+                           patches=5120),
+    "qwen2.5-vl-72b": dict(slice="v5p:2x2x4", tensor=4, batch_shards=4, moments="bfloat16",
+                           patches=5120),
+}
 
 
 def get_config(arg: str = "tiny"):
@@ -26,18 +51,25 @@ def get_config(arg: str = "tiny"):
     c.rl.max_new_tokens = 64
     c.checkpoint.every = 10
   else:
+    fits = FITS.get(arg, FITS["qwen2.5-vl-7b"])
     c.model.dtype = "bfloat16"
-    c.model.remat = "dots_no_batch"
+    c.model.remat = "full"
+    c.model.attention_chunk = 1024
+    c.mesh.tensor = fits["tensor"]
+    c.optim.moments_dtype = fits["moments"]
+    c.data.batch_size = fits["batch_shards"]  # RL reads rl.prompts_per_step; checked
     c.optim.lr = 1e-6
     c.optim.warmup_steps = 10
     c.data.max_length = 2048
     c.data.length_buckets = (1024, 2048)
-    c.data.max_pixels = 28 * 28 * 1280
-    c.data.max_patches = 5120
+    c.data.max_pixels = 28 * 28 * fits["patches"] // 4
+    c.data.max_patches = fits["patches"]
     c.rl.group_size = 8
     c.rl.prompts_per_step = 64
     c.rl.max_new_tokens = 1024
-    c.train.steps = 500
+    c.optim.grad_accum = c.rl.prompts_per_step * c.rl.group_size // fits["batch_shards"]
+    # train.steps and checkpoint.every count micro-batches: UPDATES optimizer updates.
+    c.train.steps = UPDATES * c.optim.grad_accum
     c.train.logprob_chunk = 512
-    c.checkpoint.every = 25
+    c.checkpoint.every = 25 * c.optim.grad_accum
   return c

@@ -2,6 +2,9 @@
 
 Variants by argument: `tiny` (CPU, synthetic suite, random init) or a published size
 (`qwen2.5-vl-3b`, `-7b`, `-32b`, `-72b`; set --config.model.hf_path to the local weights).
+A published size defaults to the mesh, remat, attention chunking, micro-batch and grad
+accumulation proven to fit its slice in `FITS` (3B v5e:2x4, 7B v5e:4x4, 32B v5p:2x2x2,
+72B v5p:2x2x4): a global batch of 64 sequences of up to 4,096 tokens per update.
 
   python -m launch.train --config=configs/sft.py:tiny --workdir=/tmp/atlas_sft
   python -m launch.train --config=configs/sft.py:qwen2.5-vl-7b --workdir=/ckpt/sft7b \
@@ -10,6 +13,20 @@ Variants by argument: `tiny` (CPU, synthetic suite, random init) or a published 
 """
 
 from configs.base import base_config
+
+GLOBAL_BATCH = 64  # sequences per optimizer update: data.batch_size x optim.grad_accum
+UPDATES = 2000
+# Per published size, the settings proven to fit the slice named (the smallest of the
+# README's AOT table), by `python -m launch.aot_report --config=configs/sft.py:<size>
+# --topology=<slice>` (README, "Memory at scale"): mesh.tensor (fsdp takes the rest), the
+# micro-batch (one row per data x fsdp batch shard) and the Adam moments' dtype.
+# remat=full and attention_chunk=1024 for all.
+FITS = {
+    "qwen2.5-vl-3b": dict(slice="v5e:2x4", tensor=2, batch_size=4, moments="float32"),
+    "qwen2.5-vl-7b": dict(slice="v5e:4x4", tensor=4, batch_size=4, moments="float32"),
+    "qwen2.5-vl-32b": dict(slice="v5p:2x2x2", tensor=4, batch_size=2, moments="bfloat16"),
+    "qwen2.5-vl-72b": dict(slice="v5p:2x2x4", tensor=4, batch_size=4, moments="bfloat16"),
+}
 
 
 def get_config(arg: str = "tiny"):
@@ -24,17 +41,23 @@ def get_config(arg: str = "tiny"):
     c.train.log_every = 10
     c.checkpoint.every = 50
   else:
+    fits = FITS.get(arg, FITS["qwen2.5-vl-7b"])
     c.model.dtype = "bfloat16"
-    c.model.remat = "dots_no_batch"
+    c.model.remat = "full"
+    c.model.attention_chunk = 1024
+    c.mesh.tensor = fits["tensor"]
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.01
-    c.data.batch_size = 64
+    c.optim.moments_dtype = fits["moments"]
+    c.data.batch_size = fits["batch_size"]
+    c.optim.grad_accum = GLOBAL_BATCH // fits["batch_size"]
     c.data.max_length = 4096
     c.data.length_buckets = (1024, 2048, 4096)
     c.data.max_pixels = 28 * 28 * 1280
     c.data.max_patches = 5120
-    c.train.steps = 2000
+    # train.steps and checkpoint.every count micro-batches: UPDATES optimizer updates.
+    c.train.steps = UPDATES * c.optim.grad_accum
     c.train.logprob_chunk = 512
-    c.checkpoint.every = 200
+    c.checkpoint.every = 200 * c.optim.grad_accum
   return c

@@ -1,14 +1,17 @@
-"""Per-chip memory and FLOPs of the real-size steps on TPU slices, compiled ahead of time
-without TPUs (needs libtpu: pip install -e '.[tpu]').
+"""Per-chip memory, FLOPs and a roofline step time of a recipe's steps on a TPU slice,
+compiled ahead of time without TPUs (needs libtpu: pip install -e '.[tpu]').
 
-  python -m launch.aot_report --sizes=qwen2.5-vl-7b --topologies=v5e:4x4 --tensor=2
-  python -m launch.aot_report --sizes=qwen2.5-vl-72b --topologies=v5p:4x4x4 --tensor=4
-  # splash attention next to the einsum path:
-  python -m launch.aot_report --sizes=qwen2.5-vl-7b --topologies=v5e:4x4 --steps=sft,la-grpo \
-      --attention_impls=xla,splash
-  # the smallest of several slices on which every step fits, per size:
-  python -m launch.aot_report --sizes=qwen2.5-vl-3b,qwen2.5-vl-7b \
-      --topologies=v5e:2x2,v5e:2x4,v5e:4x4 --smallest
+From a recipe (the step functions `launch.train` builds from the same config):
+
+  python -m launch.aot_report --config=configs/sft.py:qwen2.5-vl-7b --topology=v5e:4x4
+  python -m launch.aot_report --config=configs/rl.py:qwen2.5-vl-72b --topology=v5p:2x2x4 \
+      --config.optim.moments_dtype=bfloat16 --output=/tmp/rl72b.jsonl
+
+From flags (a base config with these fields; sampler = prefill + decode, la-grpo = the
+old-logp pass + the update over prompts x group_size rows of --length tokens):
+
+  python -m launch.aot_report --sizes=qwen2.5-vl-7b --topologies=v5e:2x4,v5e:4x4 \
+      --tensor=2 --smallest
 
 --batch=0 (the default) gives one sequence per batch shard (data x fsdp), the smallest
 batch a mesh can run; scale it with grad accumulation, not per-chip rows.
@@ -18,8 +21,13 @@ import dataclasses
 import json
 
 from absl import app, flags
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]); "
+                                "with it, --topology is the slice, --steps may choose steps "
+                                "and the other flags are ignored.", lock_config=True)
+flags.DEFINE_string("topology", "", "TPU slice for --config, e.g. v5e:4x4, v5p:2x2x4.")
 flags.DEFINE_list("sizes", ["qwen2.5-vl-7b"], "Model sizes (atlas_jax.model.SIZES).")
 flags.DEFINE_list("topologies", ["v5e:4x4"], "TPU slices, e.g. v5e:4x4, v5p:4x4x4.")
 flags.DEFINE_list("steps", ["sft", "la-grpo", "sampler"], "Steps to compile.")
@@ -43,8 +51,27 @@ flags.DEFINE_bool("smallest", False, "Per size, try the slices in order of chip 
                   "stop at the first on which every step fits.")
 
 
-def main(argv):
-  del argv
+def _write(reports):
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as f:
+      f.writelines(json.dumps(dict(dataclasses.asdict(r), fits=r.fits)) + "\n"
+                   for r in reports)
+
+
+def recipe_main():
+  from atlas_jax import aot
+  if not FLAGS.topology:
+    raise app.UsageError("--config needs --topology (e.g. --topology=v5e:4x4)")
+  name = flags.FLAGS["config"].config_filename
+  steps = None  # all the recipe's steps, unless --steps names some (flag-mode names)
+  if FLAGS["steps"].present:
+    steps = [s for name in FLAGS.steps for s in aot.STEP_GROUPS[name]]
+  reports = aot.compile_recipe(FLAGS.config, FLAGS.topology, recipe=name, steps=steps)
+  print(aot.format_table(reports), flush=True)
+  _write(reports)
+
+
+def flags_main():
   from atlas_jax import aot
   reports, smallest = [], {}
   topologies = FLAGS.topologies
@@ -69,15 +96,22 @@ def main(argv):
         continue
       reports += new
       print(aot.format_table(reports), flush=True)
-      if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-          f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in reports)
+      _write(reports)
       if FLAGS.smallest and all(r.fits for r in new):
         smallest[size] = topology
         break
   if FLAGS.smallest:
     for size in FLAGS.sizes:
       print(f"smallest slice for {size}: {smallest.get(size, 'none of ' + ','.join(topologies))}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.config is not None:
+    recipe_main()
+  else:
+    flags_main()
 
 
 if __name__ == "__main__":

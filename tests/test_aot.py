@@ -1,11 +1,15 @@
 """Ahead-of-time compilation for a TPU slice without TPUs (libtpu's topology descriptions).
 
-Runs `launch.aot_report` in a subprocess (libtpu is noisy and process-global) on the tiny
-config for a 4-chip v5e slice, and checks that every step compiles, reports memory and
-FLOPs, and that FSDP really shards the state: per-chip argument bytes under fsdp=4 are well
-below those under data=4 (params and optimizer state replicated on every chip).
+The slow test runs the recipe path (`aot.compile_recipe`, what `launch.aot_report
+--config=...` calls) in a subprocess (libtpu is noisy and process-global) on the tiny SFT
+and RL recipes (RL with grad accumulation) for a 4-chip v5e slice: every step compiles, fits,
+and reports positive FLOPs, bytes and a roofline time, and the steps it compiles are
+built by the same builders (`atlas_jax.train.steps`) the training loops call. The fast
+test checks the cheap half: slice sizes, the analytic FLOPs, and that FSDP shards the
+state (per-chip bytes under fsdp=4 well below those under data=4).
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -21,52 +25,113 @@ pytestmark = pytest.mark.skipif(
     reason="libtpu is not installed (pip install -e '.[tpu]'); it provides the TPU topology "
            "descriptions that AOT compilation needs")
 
+# Small shapes (the tiny recipes otherwise): 128-token prompts, 64 patches, 64 new tokens,
+# log-probs in one chunk; RL updates in two micro-batches.
+SMALL = {"data.max_length": 128, "data.length_buckets": (128,), "data.max_patches": 64,
+         "data.max_pixels": 64 * 196, "train.logprob_chunk": 192, "rl.max_new_tokens": 64}
+RL_ACCUM = {"optim.grad_accum": 2, "train.steps": 20}
 
-def _report(tmp_path, name, *flags):
-  out = tmp_path / f"{name}.jsonl"
-  cmd = [sys.executable, "-m", "launch.aot_report", "--sizes=tiny", "--topologies=v5e:2x2",
-         "--batch=8", "--length=256", "--patches=64", "--new_tokens=64", "--chunk=64",
-         "--group_size=4", f"--output={out}", *flags]
-  # Compiling for a topology touches no chip, so another libtpu process (a second report,
-  # a parallel test worker) need not hold the chip lock.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "failed" not in proc.stdout, proc.stdout
-  return {r["step"]: r for r in map(json.loads, out.read_text().splitlines())}, proc.stdout
+# Runs in the subprocess: compiles both recipes, recording which step builders it called.
+SCRIPT = """
+import json, sys
+from atlas_jax import aot
+from atlas_jax.train import steps
+from configs import rl, sft
+from tests import factories
+
+called = []
+for name in ("sft_step_fn", "old_logps_fn", "rl_update_fn"):
+  def spy(*args, _real=getattr(steps, name), _name=name, **kwargs):
+    called.append(_name)
+    return _real(*args, **kwargs)
+  setattr(steps, name, spy)
+changes, rl_changes = ({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+                       for d in json.loads(sys.argv[1]))
+reports = []
+for recipe in (sft, rl):
+  c = factories.override(recipe.get_config("tiny"), changes)
+  if recipe is rl:
+    c = factories.override(c, rl_changes)
+  reports += aot.compile_recipe(c, "v5e:2x2", recipe=recipe.__name__ + ":tiny")
+print("REPORTS " + json.dumps({"called": called, "reports": [
+    dict(vars(r), fits=r.fits) for r in reports]}))
+"""
+
+
+def _steps_calls(path: str, function: str) -> set[str]:
+  """Names `function` in the module at `path` calls on `atlas_jax.train.steps` (imported
+  as steps_lib)."""
+  tree = ast.parse(open(os.path.join(ROOT, path)).read())
+  assert any(isinstance(n, ast.ImportFrom) and n.module == "atlas_jax.train" and
+             any(a.name == "steps" and a.asname == "steps_lib" for a in n.names)
+             for n in tree.body), f"{path} does not import atlas_jax.train.steps as steps_lib"
+  body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+  return {n.func.attr for n in ast.walk(body) if isinstance(n, ast.Call) and
+          isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "steps_lib"}
 
 
 @pytest.mark.slow
-def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
-  fsdp, table = _report(tmp_path, "fsdp", "--fsdp=4")
-  print("\n" + table)
-  assert set(fsdp) == {"sft", "la-grpo", "sampler"}
-  for r in fsdp.values():
-    assert r["mesh"] == "fsdp=4" and r["hbm_gib"] == 16
+def test_tiny_recipes_compile_for_a_v5e_slice():
+  changes = [{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+             for d in (SMALL, RL_ACCUM)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  env.pop("XLA_FLAGS", None)  # compiling for a topology touches no chip
+  proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(changes)], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # Meanwhile: the training loops call those builders (read from their source, not
+  # imported: the subprocess has the cores).
+  assert _steps_calls("atlas_jax/train/loop.py", "train_sft") >= {"sft_step_fn"}
+  assert _steps_calls("atlas_jax/rl/loop.py", "train_rl") >= {
+      "old_logps_fn", "rl_update_fn", "micro_batches"}
+  assert _steps_calls("atlas_jax/rl/loop.py", "sampler_for") >= {"sampler_settings"}
+  stdout, stderr = proc.communicate(timeout=900)
+  assert proc.returncode == 0, stderr[-3000:]
+  out = json.loads(stdout.split("REPORTS ", 1)[1])
+  reports = {r["step"]: r for r in out["reports"]}
+  assert list(reports) == ["sft", "prefill", "decode", "old-logp", "la-grpo"]
+  # The compiled steps came from the loops' builders.
+  assert sorted(set(out["called"])) == ["old_logps_fn", "rl_update_fn", "sft_step_fn"]
+  for r in reports.values():
+    assert r["compiled"] and r["fits"] and r["mesh"] == "fsdp=4" and r["hbm_gib"] == 16, r
     assert 0 < r["argument_gib"] and 0 < r["total_gib"] < r["hbm_gib"]
-    assert r["tflops"] > 0 and r["model_tflops"] > 0
-  assert fsdp["sampler"]["rows"] == 16  # 2 prompts rounded up to 4 shards, x 4 samples
-  # Both steps run one forward and one backward pass over the same rows.
-  assert 0.5 < fsdp["la-grpo"]["tflops"] / fsdp["sft"]["tflops"] < 2.0
+    assert r["flops_tflops"] >= r["tflops"] > 0 and r["bytes_gb"] > 0, r
+    assert r["roofline_s"] > 0 and 0 < r["mfu"] and r["model_tflops"] > 0, r
+  # Shapes from the data config: a micro-batch of data.batch_size rows; rollouts of
+  # prompts x group size, updated in optim.grad_accum micro-batches of prompt + new tokens.
+  assert (reports["sft"]["rows"], reports["sft"]["length"]) == (8, 128)
+  assert reports["la-grpo"]["grad_accum"] == 2
+  assert reports["decode"]["rows"] == 4 * 4 and reports["prefill"]["rows"] == 4
+  assert (reports["la-grpo"]["rows"], reports["la-grpo"]["length"]) == (8, 128 + 64)
+  # Forward + backward costs more than the forward pass alone over the same rows.
+  assert reports["la-grpo"]["flops_tflops"] > 2 * reports["old-logp"]["flops_tflops"]
 
-  data, _ = _report(tmp_path, "data", "--steps=sft", "--data=4", "--fsdp=1")
-  assert data["sft"]["mesh"] == "data=4"
-  # Replicated params + Adam moments (tiny: ~2.7 MB each in fp32) versus a quarter of them.
-  assert fsdp["sft"]["argument_gib"] < 0.5 * data["sft"]["argument_gib"]
 
-
-def test_slice_sizes_and_analytic_flops_without_compiling():
-  """The cheap half of the report (fast tier): slice descriptions and the FLOPs model."""
-  from atlas_jax import aot
-  from atlas_jax.model import from_size
+def test_slice_sizes_flops_and_fsdp_state_without_compiling():
+  """The cheap half of the report (fast tier)."""
+  import jax
+  from atlas_jax import aot, sharding
+  from atlas_jax.model import abstract_params, from_size
+  from atlas_jax.train import optimizer as optimizer_lib
+  from atlas_jax.train import run as run_lib
+  from configs import sft
   assert aot.chip_count("v5e:4x4") == 16 and aot.chip_count("v5p:4x4x4") == 64
-  assert len(aot.topology_devices("v5e:2x2")) == 4
+  devices = aot.topology_devices("v5e:2x2")
+  assert len(devices) == 4
   config = from_size("tiny")
-  flops = {step: aot._model_flops(config, step, rows=8, length=256, new_tokens=64,
-                                  n_params=1_000_000)
-           for step in ("sft", "la-grpo", "sampler")}
+  flops = {step: aot.model_flops(config, step, rows=8, length=256, patches=64)
+           for step in ("sft", "la-grpo", "old-logp")}
   # Forward + backward is three forwards; doubling the rows doubles the FLOPs.
-  assert flops["sft"] == flops["la-grpo"] == 3 * flops["sampler"] > 0
-  assert aot._model_flops(config, "sft", rows=16, length=256, new_tokens=64,
-                          n_params=1_000_000) == 2 * flops["sft"]
+  assert flops["sft"] == flops["la-grpo"] == 3 * flops["old-logp"] > 0
+  assert aot.model_flops(config, "sft", rows=16, length=256, patches=64) == 2 * flops["sft"]
+
+  c = sft.get_config("tiny")
+  optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
+  per_chip = {}
+  for axis in ("data", "fsdp"):
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, axis: 4}, devices=devices)
+    shapes, shardings = run_lib.abstract_state(mesh, config, optimizer,
+                                               abstract_params(config), seed=0)
+    per_chip[axis] = aot._shard_bytes(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings))
+  # Replicated params + Adam moments versus (about) a quarter of them.
+  assert per_chip["fsdp"] < 0.5 * per_chip["data"]
