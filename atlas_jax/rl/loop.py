@@ -90,6 +90,9 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
         t0 = time.perf_counter()
       else:
         generated += int(out["mask"].sum())
+  if rollout.global_mean(seen) == 0:
+    raise ValueError("the evaluation split has no usable prompt "
+                     f"({pipeline.report_skipped(iterator.skipped)})")
   elapsed = max(time.perf_counter() - t0, 1e-9)
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
   result = {"reward": rollout.global_mean(cat(totals)),
