@@ -121,9 +121,7 @@ def default_rl():
 def model_config(c):
   """The ModelConfig `setup.load_model` builds for a recipe without weights (tiny's vocab is
   not refitted to a tokenizer here)."""
-  return from_size(c.model.size, dtype=c.model.dtype, remat=c.model.remat,
-                   attention_chunk=c.model.attention_chunk,
-                   attention_impl=c.model.get("attention_impl", "xla"))
+  return from_size(c.model.size, **setup.runtime_options(c))
 
 
 def param_counts(config) -> tuple[int, int]:
@@ -244,16 +242,11 @@ def _sampler_state_shardings(mesh, shapes):
 def recipe_mesh(c, devices):
   """`setup.make_mesh` over `devices` (a slice's), with its batch-divisibility check, and the
   rl prompt count's (the sampler shards prompts over data x fsdp)."""
-  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp,
-                             "tensor": c.mesh.tensor}, devices=devices)
+  mesh = setup.make_mesh(c, devices)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  counts = [("data.batch_size", c.data.batch_size)]
-  if c.recipe == "rl":
-    counts.append(("rl.prompts_per_step", c.rl.prompts_per_step))
-  for name, count in counts:
-    if count % shards:
-      raise ValueError(f"config.{name} {count} is not divisible by the mesh's data x fsdp = "
-                       f"{shards} batch shards")
+  if c.recipe == "rl" and c.rl.prompts_per_step % shards:
+    raise ValueError(f"config.rl.prompts_per_step {c.rl.prompts_per_step} is not divisible by "
+                     f"the mesh's data x fsdp = {shards} batch shards")
   return mesh
 
 

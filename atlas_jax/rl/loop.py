@@ -45,13 +45,19 @@ def _per_process(name: str, global_count: int) -> int:
   return global_count // n
 
 
-def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None) -> Sampler:
-  tok = run.tokenizer
-  allowed = functional_tokens.owned_ids_mask(tok, run.model_config.text.vocab_size)
-  cfg = run.model_config
+def allowed_ids(tokenizer, cfg):
+  """bool[V]: the ids a rollout may sample: tokens the tokenizer owns, minus the vision
+  placeholders (image/video pads, vision start/end)."""
+  allowed = functional_tokens.owned_ids_mask(tokenizer, cfg.text.vocab_size)
   for tid in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
               cfg.vision_end_token_id):
     allowed[tid] = False
+  return allowed
+
+
+def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None) -> Sampler:
+  tok, cfg = run.tokenizer, run.model_config
+  allowed = allowed_ids(tok, cfg)
   stop = tuple(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}))
   settings = steps_lib.sampler_settings(rl, stop_ids=stop, pad_id=tok.pad_token_id,
                                         greedy=greedy, group_size=group_size)

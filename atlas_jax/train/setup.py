@@ -143,8 +143,11 @@ def process_0_first(name: str, build, read):
   return out if jax.process_index() == 0 else read()
 
 
-def make_mesh(c):
-  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+def make_mesh(c, devices=None):
+  """config.mesh over `devices` (default: all; a TPU slice's for the AOT report), checked
+  against the batch size."""
+  mesh = sharding.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor},
+                            devices=devices)
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if c.data.batch_size % batch_ways:
     raise ValueError(f"config.data.batch_size {c.data.batch_size} is not divisible by the "
@@ -172,11 +175,17 @@ def load_tokenizer(c, workdir: str):
                          lambda: read() if os.path.isfile(saved) else build_tokenizer(out), read)
 
 
+def runtime_options(c) -> dict:
+  """The ModelConfig fields config.model sets on top of the architecture (from_size's
+  keyword arguments)."""
+  return dict(dtype=c.model.dtype, remat=c.model.remat,
+              attention_chunk=c.model.attention_chunk,
+              attention_impl=c.model.get("attention_impl", "xla"))
+
+
 def load_model(c, tokenizer, mesh):
   """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
-  runtime = dict(dtype=c.model.dtype, remat=c.model.remat,
-                 attention_chunk=c.model.attention_chunk,
-                 attention_impl=c.model.get("attention_impl", "xla"))
+  runtime = runtime_options(c)
   if c.model.init_checkpoint:
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
