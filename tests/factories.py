@@ -210,3 +210,14 @@ def restore_state_numpy(checkpoints: str, step: int) -> dict:
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                             getattr(tree, "tree", tree))
     return ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def assert_saved_states_equal(workdir_a: str, workdir_b: str, step: int) -> None:
+  """The TrainStates two runs saved at `step` are bitwise equal, leaf by leaf (and there are
+  leaves)."""
+  import orbax.checkpoint as ocp
+  a, b = (ocp.tree.to_flat_dict(restore_state_numpy(os.path.join(d, "checkpoints"), step))
+          for d in (workdir_a, workdir_b))
+  assert a.keys() == b.keys() and a
+  for k in a:
+    assert np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes(), k

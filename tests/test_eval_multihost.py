@@ -4,7 +4,6 @@ processes), a bad row on one of them, and a batch filled with invalid rows."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -27,20 +26,10 @@ def _run(processes: int, hf_dir: str, data: str, out: str, cache: str) -> None:
   if processes > 1:
     flags += ["--distributed", f"--coordinator_address=localhost:{factories.free_port()}",
               f"--num_processes={processes}"]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "launch.evaluate", *flags,
-       *([f"--process_id={i}"] if processes > 1 else [])],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(processes)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} exited {p.returncode}\n{err[-3000:]}"
+  factories.run_processes(
+      [[sys.executable, "-m", "launch.evaluate", *flags,
+        *([f"--process_id={i}"] if processes > 1 else [])] for i in range(processes)],
+      cwd=ROOT, env=env, timeout=TIMEOUT_S)
 
 
 @pytest.mark.slow

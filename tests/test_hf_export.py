@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from atlas_jax import functional_tokens, hf
 from atlas_jax.data import chat, image as image_lib
 from atlas_jax.model import forward, get_rope_index
+from atlas_jax.rl.loop import allowed_ids
 from atlas_jax.rl.sampler import Sampler, SamplerSettings
 from tests import factories as F
 
@@ -129,8 +130,8 @@ def test_trained_export_matches_in_transformers(trained):
                          bad_words_ids=[[b] for b in blocked] +
                          [[i] for i in range(len(hf_tok), config.text.vocab_size)])
   hf_new = gen[0, prompt.shape[1]:].numpy()
-  allowed = functional_tokens.owned_ids_mask(hf_tok, config.text.vocab_size)
-  allowed[blocked] = False
+  allowed = allowed_ids(hf_tok, config)
+  assert not allowed[blocked].any()
   settings = SamplerSettings(max_new_tokens=10, greedy=True,
                              stop_ids=(hf_tok.convert_tokens_to_ids("<|im_end|>"),),
                              pad_id=hf_tok.pad_token_id)

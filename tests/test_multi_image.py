@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from atlas_jax import functional_tokens, hf
+from atlas_jax import hf
 from atlas_jax.data import chat, pipeline, tfds_builder
 from atlas_jax.rl import rollout
+from atlas_jax.rl.loop import allowed_ids
 from atlas_jax.rl.sampler import Sampler, SamplerSettings
 from atlas_jax.rl.update import token_logps
 from atlas_jax.train import optimizer as optimizer_lib
@@ -253,12 +254,6 @@ def test_sft_step_on_two_images(case):
   assert max(jax.tree.leaves(moved["decoder"])) > 0
 
 
-def _allowed(config, tok):
-  allowed = functional_tokens.owned_ids_mask(tok, config.text.vocab_size)
-  allowed[list(_blocked(config))] = False
-  return allowed
-
-
 def _blocked(config):
   return (config.image_token_id, config.video_token_id, config.vision_start_token_id,
           config.vision_end_token_id)
@@ -286,7 +281,7 @@ def test_rollout_greedy_equals_transformers_and_trainer(case):
   hf_logp = jax.nn.log_softmax(torch.stack(out.logits, 1).numpy().astype(np.float64), -1)
   settings = SamplerSettings(max_new_tokens=n, greedy=True, stop_ids=(stop,),
                              pad_id=tok.pad_token_id)
-  sampler = Sampler(config, settings, _allowed(config, tok))
+  sampler = Sampler(config, settings, allowed_ids(tok, config))
   prompts = _device(batch)
   got = sampler.sample(params, prompts, jax.random.key(0))
   tokens, cmask, logps = (np.asarray(got[k]) for k in ("tokens", "mask", "logps"))

@@ -6,7 +6,6 @@ import shutil
 
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from atlas_jax.rl.loop import train_rl
@@ -80,12 +79,7 @@ def test_rl_resume_is_exact(straight, tmp_path):
   resumed, _, _ = train_rl(c, resumed_dir)
   end = 2 * RESUME_AT
   assert int(resumed.step) == end
-  want = factories.restore_state_numpy(os.path.join(workdir, "checkpoints"), end)
-  got = factories.restore_state_numpy(os.path.join(resumed_dir, "checkpoints"), end)
-  flat_want, flat_got = (ocp.tree.to_flat_dict(x) for x in (want, got))
-  assert flat_want.keys() == flat_got.keys() and flat_want
-  for k in flat_want:
-    assert np.asarray(flat_want[k]).tobytes() == np.asarray(flat_got[k]).tobytes(), k
+  factories.assert_saved_states_equal(workdir, resumed_dir, end)
   assert _rewards(resumed_dir) == _rewards(workdir)[RESUME_AT:end]
 
 
