@@ -218,9 +218,22 @@ def _init_unboxed(config: ModelConfig, rng):
 
 def abstract_params(config: ModelConfig):
   """ShapeDtypeStructs of the parameter pytree; allocates nothing."""
-  return nn.unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
+  return nn.unbox(_boxed_shapes(config))
 
 
 def param_axes(config: ModelConfig):
   """Pytree of logical axis-name tuples (a `PartitionSpec` per leaf) matching the params."""
-  return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
+  return nn.get_partition_spec(_boxed_shapes(config))
+
+
+def _boxed_shapes(config: ModelConfig):
+  """The boxed parameter shapes of `config`, traced once per config (a model trace costs
+  about half a second; setup, sharding and checkpointing ask for them many times). A
+  fresh copy of the nested dicts each call, so callers may edit theirs."""
+  return jax.tree.map(lambda x: x, _boxed_shapes_once(config),
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+@functools.lru_cache(maxsize=16)
+def _boxed_shapes_once(config: ModelConfig):
+  return jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))

@@ -9,6 +9,8 @@ merger_fc1, merger_fc2), `llm` everything else (embedding, decoder, LM head).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -93,13 +95,25 @@ def _adamw(optim, scale: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """The optimizer described by an `optim` config group.
+  """The optimizer described by an `optim` config group (one object per distinct group:
+  equal groups get the same optimizer, so the steps built over it are shared; see
+  train/steps.py).
 
   Fields: lr, warmup_steps, total_steps, final_lr_fraction, weight_decay, b1, b2, eps,
   clip_norm, grad_accum (micro-batches per update; 1 = none), vision / merger / llm
   (each {trainable, lr_scale}; see `group_settings`), moments_dtype (float32 | bfloat16).
   Frozen groups get zero updates, hold no moments and are left out of the clipping norm.
   """
+  key = json.dumps(optim.to_dict(), sort_keys=True, default=repr)
+  if key not in _OPTIMIZERS:
+    _OPTIMIZERS[key] = _make_optimizer(optim)
+  return _OPTIMIZERS[key]
+
+
+_OPTIMIZERS: dict[str, optax.GradientTransformation] = {}
+
+
+def _make_optimizer(optim) -> optax.GradientTransformation:
   settings = group_settings(optim)
   frozen = {name for name, s in settings.items() if not s["trainable"]}
   per_group = {name: optax.set_to_zero() if name in frozen else _adamw(optim, s["lr_scale"])

@@ -11,13 +11,22 @@ run executes: same functions, same static settings, same shardings and donation.
   rl_update_fn     RL: (state, rollout batch) -> (state, metrics), the LA-GRPO update
   micro_batches    RL: a rollout batch split into optim.grad_accum micro-batches
   sampler_settings RL: the sampler's static settings from the rl group
+
+A builder called again with equal settings (the same model config, optimizer, mesh,
+shardings and config fields) returns the jitted function it built before, so runs in one
+process (an ablation's variants and seeds, a resume, an evaluation) trace and compile each
+distinct step once. `optimizer.make_optimizer` returns one object per optim config for the
+same reason.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
 
 import jax
+import numpy as np
 
 from atlas_jax import sharding
 from atlas_jax.rl.sampler import SamplerSettings
@@ -27,10 +36,41 @@ from atlas_jax.train import run as run_lib
 from atlas_jax.train.sft import sft_step
 
 
+_BUILT: collections.OrderedDict = collections.OrderedDict()
+_KEEP = 8  # jitted steps kept (each holds its compiled executables)
+
+
+def _config_key(group) -> str:
+  return json.dumps(group.to_dict(), sort_keys=True, default=repr)
+
+
+def _memo(key, build):
+  """build(), or what it returned for an equal key before (the newest _KEEP are kept)."""
+  if key in _BUILT:
+    _BUILT.move_to_end(key)
+    return _BUILT[key]
+  _BUILT[key] = fn = build()
+  while len(_BUILT) > _KEEP:
+    _BUILT.popitem(last=False)
+  return fn
+
+
+def _sharding_key(tree):
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
+
+
 def sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   """The jitted SFT step (state donated). The batch is the pipeline's device batch
   (`run.BATCH_RANKS` fields), sharded over data x fsdp."""
   optim = run_lib.resolve_optim(c)
+  key = ("sft", model_config, optimizer, mesh, _sharding_key(state_sh),
+         tuple(np.asarray(functional_ids).tolist()), _config_key(optim), c.train.logprob_chunk)
+  return _memo(key, lambda: _sft_step_fn(c, model_config, mesh, optimizer, state_sh,
+                                         functional_ids, optim))
+
+
+def _sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, optim):
   schedule = optimizer_lib.learning_rate_schedule(optim)
   return jax.jit(
       functools.partial(sft_step, config=model_config, optimizer=optimizer,
@@ -44,17 +84,20 @@ def sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
 def old_logps_fn(c, model_config):
   """The jitted trainer log-prob pass: (params, rollout batch) -> (logp, entropy)
   float32[R, L] each (prediction layout); shardings follow the arguments."""
-  return jax.jit(functools.partial(token_logps, model_config, chunk=c.train.logprob_chunk,
-                                   temperature=c.rl.temperature))
+  chunk, temperature = c.train.logprob_chunk, c.rl.temperature
+  return _memo(("old_logps", model_config, chunk, temperature), lambda: jax.jit(
+      functools.partial(token_logps, model_config, chunk=chunk, temperature=temperature)))
 
 
 def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
   fields plus old_logp, and ref_logp when rl.beta > 0)."""
-  return jax.jit(functools.partial(rl_step, config=model_config, optimizer=optimizer,
-                                   rl=c.rl, functional_ids=functional_ids,
-                                   chunk=c.train.logprob_chunk),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  key = ("rl_update", model_config, optimizer, mesh, _sharding_key(state_sh),
+         tuple(np.asarray(functional_ids).tolist()), _config_key(c.rl), c.train.logprob_chunk)
+  return _memo(key, lambda: jax.jit(
+      functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
+                        functional_ids=functional_ids, chunk=c.train.logprob_chunk),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0))
 
 
 def sampler_settings(rl, *, stop_ids, pad_id: int, greedy: bool = False,
