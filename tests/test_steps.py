@@ -1,4 +1,5 @@
-"""The step builders' rollout micro-batching (`steps.micro_batches`, RL with grad_accum)."""
+"""The step builders: rollout micro-batching (`steps.micro_batches`, RL with grad_accum), and
+one jitted step per distinct setting."""
 
 import numpy as np
 import pytest
@@ -19,3 +20,32 @@ def test_micro_batches_take_every_kth_row_and_keep_the_batch_when_one():
     np.testing.assert_array_equal(mb["advantages"], batch["advantages"][i::4])
   with pytest.raises(ValueError, match="8 rows .* do not split into optim.grad_accum = 3"):
     steps.micro_batches(batch, 3, mesh)
+
+
+def test_equal_settings_share_one_jitted_step_and_other_settings_get_their_own():
+  from atlas_jax.model import from_size
+  from atlas_jax.train import optimizer as optimizer_lib
+  from atlas_jax.train import run as run_lib
+  from configs import rl as rl_config
+  c = rl_config.get_config("tiny")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  model_config = from_size("tiny")
+  optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
+  assert optimizer_lib.make_optimizer(run_lib.resolve_optim(c)) is optimizer
+  state_sh = {"params": sharding.replicated(mesh)}
+  ids = np.asarray([5, 6], np.int32)
+  build = lambda c, ids=ids: (steps.sft_step_fn(c, model_config, mesh, optimizer, state_sh, ids),
+                              steps.rl_update_fn(c, model_config, mesh, optimizer, state_sh, ids),
+                              steps.old_logps_fn(c, model_config))
+  first = build(c)
+  assert all(a is b for a, b in zip(first, build(c.copy_and_resolve_references())))
+  other = c.copy_and_resolve_references()
+  other.train.logprob_chunk = c.train.logprob_chunk // 2
+  assert not any(a is b for a, b in zip(first, build(other)))
+  alpha = c.copy_and_resolve_references()
+  alpha.rl.alpha = c.rl.alpha + 0.5
+  assert build(alpha)[1] is not first[1] and build(alpha)[2] is first[2]
+  assert build(c, np.asarray([5, 7], np.int32))[0] is not first[0]
+  lr = c.copy_and_resolve_references()
+  lr.optim.lr = c.optim.lr * 2
+  assert optimizer_lib.make_optimizer(run_lib.resolve_optim(lr)) is not optimizer
