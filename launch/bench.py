@@ -12,6 +12,12 @@ runs; the ratio is atlas_jax / transformers. The fraction of matmul peak is the 
 analytic FLOPs (dense matmuls and attention scores as computed: 2 per weight per token
 forward, x3 with the backward pass) per second over a timed 2048^2 fp32 matmul.
 transformers gets `mm_token_type_ids`, without which it silently uses 1-D positions.
+
+The rollout's floor on this machine is printed next to it: the prefill's analytic FLOPs at
+the matmul peak, plus one read of the text decoder's and LM head's fp32 weights (and the
+KV cache) per generated token at the measured streaming read bandwidth (a jitted sum over
+256 MB). A batch-8 decode step is a matrix-vector product bound by those reads, so the
+floor bounds the rollout ratio any implementation can reach here at fp32.
 """
 
 from __future__ import annotations
@@ -124,6 +130,32 @@ def matmul_peak() -> tuple[float, float]:
   return 2 * n**3 / jt / 1e9, 2 * n**3 / tt / 1e9
 
 
+def stream_bandwidth() -> float:
+  """GB/s of a jitted fp32 sum over 256 MB (a streaming read, the best case for weights)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((64 * 2**20,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  _, t, _ = timed(lambda: f(x).block_until_ready(), 5)
+  return x.size * 4 / t / 1e9
+
+
+def rollout_floor(config, rows: int, prompt: int, new: int, patches: int, peak: float,
+                  bandwidth: float) -> tuple[float, float, float]:
+  """(prefill s, ms per decode step, total s): the prefill's FLOPs at `peak` GFLOP/s, then
+  per token the text weights, the LM head and the average KV cache read at `bandwidth`."""
+  t = config.text
+  layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+           + t.num_attention_heads * t.head_dim * t.hidden_size
+           + 3 * t.hidden_size * t.intermediate_size)
+  weights = t.num_hidden_layers * layer + t.hidden_size * t.vocab_size
+  cache = (2 * t.num_hidden_layers * rows * t.num_key_value_heads * t.head_dim
+           * (prompt + new / 2))
+  step = 4 * (weights + cache) / (bandwidth * 1e9)
+  prefill = forward_flops(config, rows, prompt, patches) / (peak * 1e9)
+  return prefill, step * 1e3, prefill + (new - 1) * step
+
+
 def forward_flops(config, rows: int, length: int, patches: int) -> float:
   """Analytic forward FLOPs of `rows` sequences (dense attention, as both sides compute)."""
   t, v = config.text, config.vision
@@ -156,7 +188,8 @@ class Row:
     return self.jax_tok_s / self.hf_tok_s
 
 
-def bench_model(name: str, spec: dict, peak: float, out_dir: str) -> list[Row]:
+def bench_model(name: str, spec: dict, peak: float, out_dir: str,
+                bandwidth: float) -> list[Row]:
   import jax
   import jax.numpy as jnp
   import torch
@@ -211,6 +244,12 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str) -> list[Row]:
   same_rows = int((got == want).all(1).sum())
   same_tokens = float((got == want).mean())
   print(f"rollout: greedy tokens equal in {same_rows}/{b} rows ({same_tokens:.1%} of tokens)")
+  prefill, step_ms, floor = rollout_floor(config, b, t_prompt, n, pixels.shape[1], peak,
+                                          bandwidth)
+  print(f"rollout floor here: prefill {prefill:.2f} s at the matmul peak + {n - 1} steps x "
+        f"{step_ms:.1f} ms (weights and cache read once per token at {bandwidth:.1f} GB/s) = "
+        f"{floor:.2f} s, i.e. at most {b * n / floor:.0f} new tok/s = "
+        f"{hf_t / floor:.2f}x transformers; measured {jax_t:.2f} s")
   if "rollout" in FLAGS.steps:
     rows.append(Row(name, "rollout (new tok/s)", b * n / hf_t, b * n / jax_t, hf_first,
                     jax_first, 3.0))
@@ -344,12 +383,13 @@ def main(argv):
   import torch
   torch.manual_seed(0)
   peak_jax, peak_torch = matmul_peak()
+  bandwidth = stream_bandwidth()
   out_dir = FLAGS.hf_dir or tempfile.mkdtemp(prefix="atlas_bench_")
   rows = []
   for name in FLAGS.models:
     if name not in MODELS:
       raise ValueError(f"--models has {name!r}; expected names from {sorted(MODELS)}")
-    rows += bench_model(name, MODELS[name], peak_jax, out_dir)
+    rows += bench_model(name, MODELS[name], peak_jax, out_dir, bandwidth)
     print(format_rows(rows, peak_jax, peak_torch), flush=True)
   print("\nSFT/update % of matmul peak: analytic step FLOPs / time / jnp matmul peak "
         "(goal >= 60%). transformers' torch step is one number for both rows "
