@@ -20,10 +20,11 @@ Roofline: time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per ch
 MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body of a
 while loop once, and the decoder and vision layers are scanned: the compiled counts are
 corrected by the ratio of the unoptimised counts of the same step lowered twice, once as
-compiled and once with the layer scans unrolled (`_unrolled_layers`), except the sampler's
+compiled and once with the layer scans unrolled (`_unrolled_layers`), except the prefill's
 bytes: its layers carry the stacked KV cache, which XLA counts whole in the scanned body
 (and the unrolled module at every layer), so they are left as compiled, an upper bound
-dominated by the cache. The log-prob chunk loop (train.logprob_chunk) stays counted once;
+dominated by the cache. The decode step's layers are unrolled already (per-layer caches):
+its counts are exact. The log-prob chunk loop (train.logprob_chunk) stays counted once;
 its missing LM-head FLOPs are added analytically. The decode step's counts are those of one generated token; its roofline time
 is that of rl.max_new_tokens tokens (every row generating to the end).
 """
@@ -229,9 +230,9 @@ def _batch(mesh, shapes: dict) -> dict:
 
 def _sampler_state_shardings(mesh, shapes):
   """The prefill's output shardings, for a prefill that did not compile: the KV cache by
-  `sampler.CACHE_AXES`, per-row fields over the batch shards, scalars replicated."""
+  `sampler.LAYER_CACHE_AXES`, per-row fields over the batch shards, scalars replicated."""
   rows = shapes.done.shape[0]
-  cache = sharding.logical_to_shardings(mesh, jax.sharding.PartitionSpec(*sampler_lib.CACHE_AXES),
+  cache = sharding.logical_to_shardings(mesh, jax.sharding.PartitionSpec(*sampler_lib.LAYER_CACHE_AXES),
                                         sharding.SAMPLING_RULES)
   per_leaf = lambda x: (sharding.batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == rows
                         else sharding.replicated(mesh))
@@ -292,10 +293,10 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
       flops, nbytes = scanned_flops / n_devices, scanned_bytes / n_devices
     xla_flops, xla_bytes = flops, nbytes
     flops *= full_flops / max(scanned_flops, 1.0)
-    # The sampler's layers carry the stacked KV cache, which XLA counts whole (read and
+    # The prefill's layers carry the stacked KV cache, which XLA counts whole (read and
     # written) in the scanned body already, and the unrolled module at every layer: its
     # bytes are left as compiled (an upper bound dominated by the cache).
-    if name not in ("prefill", "decode"):
+    if name != "prefill":
       nbytes *= full_bytes / max(scanned_bytes, 1.0)
     chunks = length // min(chunk, length)
     flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, length)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 
 import flax.linen as nn
 import jax
@@ -167,8 +168,30 @@ def state_shardings(mesh: Mesh, abstract_state, param_sh):
   return walk(abstract_state)
 
 
+_ACTIVE = threading.local()  # the mesh of the innermost `with_rules`
+
+
 @contextlib.contextmanager
 def with_rules(mesh: Mesh, rules=RULES):
-  """Activates the mesh and the logical rules, so `with_logical_constraint` takes effect."""
-  with mesh, nn.logical_axis_rules(rules):
-    yield
+  """Activates the mesh and the logical rules for `constrain`.
+
+  flax's own `with_logical_constraint` acts only under an abstract mesh (`jax.set_mesh`),
+  which the mesh context does not set: without the explicit mesh `constrain` passes, every
+  activation constraint is silently dropped. (`jax.set_mesh` itself would also make flax
+  constrain each parameter as it is created, and cannot be entered inside a jit.)"""
+  previous = getattr(_ACTIVE, "mesh", None)
+  _ACTIVE.mesh = mesh
+  try:
+    with mesh, nn.logical_axis_rules(rules):
+      yield
+  finally:
+    _ACTIVE.mesh = previous
+
+
+def constrain(x, logical_axes):
+  """`x` (an array or a pytree) constrained to the sharding its logical axis names map to
+  under the active `with_rules`; unchanged outside one."""
+  mesh = getattr(_ACTIVE, "mesh", None)
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, logical_axes, mesh=mesh)

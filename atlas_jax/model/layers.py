@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from atlas_jax import sharding
 from atlas_jax.model import attention as attention_lib
 
 Array = jax.Array
@@ -74,7 +75,8 @@ class SwiGLU(nn.Module):
     up = dense(self.hidden, -1, ("embed", "mlp"), bias_axes=bias, dtype=self.dtype,
                name="up")(x)
     h = ACTIVATIONS[self.activation](gate) * up
-    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+    if h.ndim == 3:  # the text decoder's [B, T, F] (the vision tower's rows are [P, F])
+      h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
     return dense(x.shape[-1], -1, ("mlp", "embed"), bias_axes=("embed",) if self.use_bias
                  else None, dtype=self.dtype, name="down")(h)
 

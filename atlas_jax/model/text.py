@@ -3,14 +3,18 @@
 Letters: B batch, T query length, S key/value length, D width, N query heads, K kv heads,
 H head dim, V vocab, L layers.
 
-The KV cache is an explicit pytree `{"k": [L, B, K, S, H], "v": [L, B, K, S, H]}`; a call
-with a cache writes this call's keys and values at `cache_index` and attends over all S
-slots under the caller's mask (always the "xla" attention path, which reads the head-major
-layout without a transpose). The stacked cache rides in the layer scan's *carry* (not as
-scanned input/output): layer l writes only its [B, K, T, H] slice with a
-dynamic_update_slice at (l, :, :, cache_index) and reads its own [B, K, S, H] layer back,
-so a decode step updates the buffer in place instead of rewriting all of it (a scanned-out
-cache is a fresh [L, B, S, K, H] array per call, copied once per token).
+The KV cache is an explicit pytree; a call with a cache writes this call's keys and values
+at `cache_index` and attends over all S slots under the caller's mask (always the "xla"
+attention path, which reads the head-major layout without a transpose). Two layouts:
+
+* stacked, `{"k", "v"}: [L, B, K, S, H]` (the prefill, `Decoder` with a cache): the cache
+  rides in the layer scan's carry; layer l writes its [B, K, T, H] slice at
+  (l, :, :, cache_index) and reads its own layer back.
+* per layer, a tuple of L `{"k", "v"}: [B, K, S, H]` (the decode step, `decode_layers`):
+  the layers are unrolled over per-layer weights, split from the stack once per call
+  (`split_layers`). In a scanned step XLA:CPU copies each layer's weights and its cache
+  slice out of the stacks at every token; unrolled, a token reads the weights and the
+  cache where they lie and writes one [B, K, 1, H] slot per layer in place.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from atlas_jax import sharding
 from atlas_jax.model import attention as attention_lib
 from atlas_jax.model import layers
 from atlas_jax.model.config import TextConfig
@@ -76,12 +81,12 @@ class DecoderLayer(nn.Module):
     attn = checkpoint_name(attn, "attention_out")
     x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
                          dtype=self.dtype, name="o")(attn)
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
+    x = sharding.constrain(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")(x)
     x = x + layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype,
                           name="mlp")(h)
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
+    x = sharding.constrain(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
     return ((x, cache) if cache is not None else x), None
 
@@ -112,3 +117,24 @@ class Decoder(nn.Module):
     x, cache = carry if cache is not None else (carry, None)
     x = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
     return x, cache
+
+
+def split_layers(layer_params, num_layers: int) -> tuple:
+  """Stacked layer params ([L, ...] leaves) as a tuple of L per-layer pytrees (one copy)."""
+  return tuple(jax.tree.map(lambda x, i=i: x[i], layer_params) for i in range(num_layers))
+
+
+def decode_layers(config: TextConfig, dtype, layer_params: tuple, x, cos, sin, mask,
+                  cache_index, caches: tuple):
+  """The decoder layers unrolled over per-layer params and caches (the decode step).
+
+  layer_params: `split_layers` of params["decoder"]["layers"]; caches: L x {"k", "v"}:
+  [B, K, S, H]. x: float[B, T, D] embeddings. Returns (x before the final norm, the updated
+  caches).
+  """
+  layer = DecoderLayer(config, dtype)
+  new = []
+  for p, cache in zip(layer_params, caches, strict=True):
+    (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index, None)
+    new.append(cache)
+  return x, tuple(new)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atlas_jax import sharding
 from atlas_jax.model import attention, layers, rope
 from atlas_jax.model.config import ModelConfig
 from atlas_jax.model.text import Decoder
@@ -75,7 +76,7 @@ class Qwen25VL(nn.Module):
     """Final-norm hidden states float[B, T, D] and the updated cache."""
     cfg = self.config.text
     x = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length",
+    x = sharding.constrain(x, ("activation_batch", "activation_length",
                                        "activation_embed"))
     cos, sin = rope.text_rope(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     return self.decoder(x, cos, sin, mask, cache_index, cache)

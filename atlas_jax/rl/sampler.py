@@ -3,9 +3,11 @@ prompt), then a `lax.while_loop` decode over an explicit, static KV cache.
 
 Letters: B prompts, G samples per prompt, R = B*G rows, T prompt length (left-padded),
 N max new tokens, S = T + N cache length, L layers, K kv heads, H head dim, V vocab.
-The KV cache {"k", "v"}: [L, R, K, S, H] rides in the scanned layers' carry; each layer
-writes its [R, K, 1, H] slice at the step's slot. (Per-layer caches with the layers unrolled
-were faster on CPU but gave wrong rows in multi-process runs; see tests/test_eval_multihost.)
+The prefill runs the scanned layers over a stacked cache and hands the decode loop a tuple
+of L per-layer caches {"k", "v"}: [R, K, S, H]; the decode step runs the layers unrolled
+over per-layer weights (split from the stack once per call) and writes each layer's
+[R, K, 1, H] slot in place (`text.decode_layers`), so a token never copies weights or
+cache.
 
 The loop state is an immutable dataclass; `SamplerSettings` holds only static, hashable
 settings. Log-probs returned are fp32, of the sampled token under the full-vocabulary,
@@ -22,10 +24,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from atlas_jax.model import rope, vlm
+from atlas_jax import sharding
+from atlas_jax.model import layers, rope, text, vlm
 from atlas_jax.model.config import ModelConfig
 
 CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
+LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's cache in the decode loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,7 @@ class SamplerState:
   done: jax.Array          # bool[R]
   next_position: jax.Array  # int32[R]: M-RoPE position of the next token (all 3 axes)
   prompt_mask: jax.Array   # bool[R, T]
-  cache: dict              # {"k", "v"}: [L, R, K, S, H]
+  cache: tuple             # L x {"k", "v"}: [R, K, S, H] (updated in place)
   rng: jax.Array           # typed key
 
 
@@ -95,7 +99,13 @@ def _record(state_tokens, state_logps, step, token, logp, done, settings):
   tokens = jax.lax.dynamic_update_slice_in_dim(state_tokens, token[:, None], step, axis=1)
   logps = jax.lax.dynamic_update_slice_in_dim(state_logps, logp[:, None], step, axis=1)
   stopped = done | jnp.isin(token, jnp.asarray(settings.stop_ids, jnp.int32))
-  return tokens, logps, stopped
+  return _rows(tokens), _rows(logps), _rows(stopped)
+
+
+def _rows(x):
+  """x with its rows over the batch shards: the loop state stays where its rows' prompts
+  are, so each process reads back its own rows (rollout.local_rows)."""
+  return sharding.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
 
 
 def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values,
@@ -117,7 +127,7 @@ def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values
   dtype = jnp.dtype(config.dtype)
   cache_shape = (tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim)
   cache = {"k": jnp.zeros(cache_shape, dtype), "v": jnp.zeros(cache_shape, dtype)}
-  cache = nn.with_logical_constraint(cache, CACHE_AXES)
+  cache = sharding.constrain(cache, CACHE_AXES)
   prompt_mask = attention_mask.astype(bool)
   mask = jnp.pad(vlm.causal_mask(attention_mask), ((0, 0), (0, 0), (0, n)))
   hidden, cache = model.apply({"params": params}, input_ids, position_ids, mask, pixel_values,
@@ -126,8 +136,9 @@ def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values
 
   # G rollouts per prompt share the prompt's cache.
   repeat = lambda x: jnp.repeat(x, g, axis=0)
-  cache = jax.tree.map(lambda c: jnp.repeat(c, g, axis=1), cache)
-  cache = nn.with_logical_constraint(cache, CACHE_AXES)
+  cache = tuple({name: jnp.repeat(cache[name][i], g, axis=0) for name in ("k", "v")}
+                for i in range(tc.num_hidden_layers))
+  cache = sharding.constrain(cache, LAYER_CACHE_AXES)
   rng, key = jax.random.split(rng)
   token, logp = _choose(repeat(logits), allowed, key, settings)
   done = jnp.zeros((b * g,), bool)
@@ -146,6 +157,9 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
   model = vlm.Qwen25VL(config)
   n = settings.max_new_tokens
   t = state.prompt_mask.shape[1]
+  tc, dtype = config.text, jnp.dtype(config.dtype)
+  layer_params = text.split_layers(params["decoder"]["layers"], tc.num_hidden_layers)
+  final_norm = layers.RMSNorm(tc.rms_norm_eps, dtype)
 
   def cond(st: SamplerState):
     return (st.step < n) & ~jnp.all(st.done)
@@ -158,9 +172,14 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
     keys = keys | ((slots >= t) & (slots <= index))[None, :]
     positions = jnp.broadcast_to(st.next_position[None, :, None] + st.step - 1,
                                  (3, st.done.shape[0], 1))
-    hidden, cache = model.apply({"params": params}, last, positions, keys[:, None, :], None,
-                                None, index, st.cache, method=vlm.Qwen25VL.hidden_states)
-    cache = nn.with_logical_constraint(cache, CACHE_AXES)
+    x = model.apply({"params": params}, last, None, None, method=vlm.Qwen25VL.embed_inputs)
+    x = sharding.constrain(x, ("activation_batch", "activation_length",
+                                       "activation_embed"))
+    cos, sin = rope.text_rope(positions, tc.head_dim, tc.rope_theta, tc.mrope_section)
+    x, cache = text.decode_layers(tc, dtype, layer_params, x, cos, sin, keys[:, None, :],
+                                  index, st.cache)
+    cache = sharding.constrain(cache, LAYER_CACHE_AXES)
+    hidden = final_norm.apply({"params": params["decoder"]["final_norm"]}, x)
     logits = model.apply({"params": params}, hidden[:, 0], method=vlm.Qwen25VL.logits)
     rng, key = jax.random.split(st.rng)
     token, logp = _choose(logits, allowed, key, settings)
