@@ -171,6 +171,12 @@ def run(mesh_shape):
                                  "image_grid_thw")}
   with sharding.with_rules(mesh, sharding.SAMPLING_RULES):
     sampled = sampler.sample(params, prompts, jax.random.key(0))
+  out["sample_tokens_shard_shape"] = list(sampled["tokens"].addressable_shards[0].data.shape)
+  # An activation constraint under the training rules: [8 rows, 4, 16 features].
+  with sharding.with_rules(mesh, sharding.RULES):
+    constrained = jax.jit(lambda x: sharding.constrain(
+        x * 2, ("activation_batch", "activation_length", "activation_mlp")))(np.ones((8, 4, 16)))
+  out["constrained_shard_shape"] = list(constrained.addressable_shards[0].data.shape)
   out["sample_tokens"] = np.asarray(sampled["tokens"])
   out["sample_logps"] = np.asarray(sampled["logps"])
   out["sample_mask"] = np.asarray(sampled["mask"])
@@ -194,6 +200,8 @@ def main():
     tokens, mask = r["sample_tokens"], r["sample_mask"].astype(bool)
     report[name].update(
         loss_value=float(r["loss"]), q_shard_shape=r["q_shard_shape"],
+        sample_tokens_shard_shape=r["sample_tokens_shard_shape"],
+        constrained_shard_shape=r["constrained_shard_shape"],
         rl_loss_value=r["rl_loss"].tolist(), rl_anchor_value=r["rl_anchor_loss"].tolist(),
         rl_grad_norm_value=r["rl_grad_norm"].tolist(),
         rl_ratio_mean_value=r["rl_ratio_mean"].tolist(),

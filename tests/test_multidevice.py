@@ -104,6 +104,20 @@ def test_params_are_actually_sharded(report):
   assert report["fsdp=4,tensor=2"]["q_shard_shape"] == [2, 16, 2, 16]
 
 
+@pytest.mark.slow
+def test_activation_constraints_and_sampled_rows_follow_the_mesh(report):
+  # sharding.constrain on [8, 4, 16] (activation_batch, activation_length, activation_mlp):
+  # rows over data x fsdp, features over tensor. Dropped, it would stay whole on each device.
+  assert report["1"]["constrained_shard_shape"] == [8, 4, 16]
+  assert report["fsdp=8"]["constrained_shard_shape"] == [1, 4, 16]
+  assert report["data=2,fsdp=4"]["constrained_shard_shape"] == [1, 4, 16]
+  assert report["fsdp=4,tensor=2"]["constrained_shard_shape"] == [2, 4, 8]
+  # The sampler's tokens stay over the batch shards (each process reads back its own rows).
+  rows, new = report["1"]["sample_tokens_shard_shape"]
+  assert report["fsdp=8"]["sample_tokens_shard_shape"] == [rows // 8, new]
+  assert report["fsdp=4,tensor=2"]["sample_tokens_shard_shape"] == [rows // 4, new]
+
+
 def test_mesh_shape_errors_are_clear():
   with pytest.raises(ValueError, match="mesh data=2 x fsdp=3 x tensor=1 needs 6 devices, "
                      "found 8"):
