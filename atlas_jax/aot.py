@@ -283,7 +283,7 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
       lowered = lower(False)
       stats, compiled = _memory(lowered, args, hbm_gib)
       compile_s = time.perf_counter() - t0
-      with _unrolled_layers():
+      with _unrolled_layers(), steps_lib.unshared():
         unrolled = lower(True)
     scanned_flops, scanned_bytes = _unoptimised_costs(lowered)
     full_flops, full_bytes = _unoptimised_costs(unrolled)
@@ -445,6 +445,6 @@ def format_table(reports: list[Report]) -> str:
                "temp = activations and scratch, total = args + temp + outputs - donated.")
   lines.append("TFLOP: analytic model FLOPs per chip (no remat). step s: roofline "
                "max(XLA FLOPs / peak, XLA bytes / HBM bandwidth), counts corrected for "
-               "scanned layers (prefill, decode: bytes as compiled, an upper bound; decode: "
+               "scanned layers (prefill: bytes as compiled, an upper bound; decode: "
                "all new tokens); MFU = TFLOP / (step s x peak); '-': rejected for HBM.")
   return "\n".join(lines)

@@ -22,6 +22,7 @@ same reason.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 
@@ -44,8 +45,24 @@ def _config_key(group) -> str:
   return json.dumps(group.to_dict(), sort_keys=True, default=repr)
 
 
+_SHARED = [True]
+
+
+@contextlib.contextmanager
+def unshared():
+  """Inside, the builders return new jitted steps, not the shared ones: for a lowering that
+  must trace afresh (the AOT report's cost pass with the layer scans unrolled)."""
+  _SHARED[0] = False
+  try:
+    yield
+  finally:
+    _SHARED[0] = True
+
+
 def _memo(key, build):
   """build(), or what it returned for an equal key before (the newest _KEEP are kept)."""
+  if not _SHARED[0]:
+    return build()
   if key in _BUILT:
     _BUILT.move_to_end(key)
     return _BUILT[key]
