@@ -232,8 +232,8 @@ def _sampler_state_shardings(mesh, shapes):
   """The prefill's output shardings, for a prefill that did not compile: the KV cache by
   `sampler.LAYER_CACHE_AXES`, per-row fields over the batch shards, scalars replicated."""
   rows = shapes.done.shape[0]
-  cache = sharding.logical_to_shardings(mesh, jax.sharding.PartitionSpec(*sampler_lib.LAYER_CACHE_AXES),
-                                        sharding.SAMPLING_RULES)
+  cache = sharding.logical_to_shardings(
+      mesh, jax.sharding.PartitionSpec(*sampler_lib.LAYER_CACHE_AXES), sharding.SAMPLING_RULES)
   per_leaf = lambda x: (sharding.batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == rows
                         else sharding.replicated(mesh))
   out = jax.tree.map(per_leaf, shapes)

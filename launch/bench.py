@@ -140,15 +140,19 @@ def stream_bandwidth() -> float:
   return x.size * 4 / t / 1e9
 
 
+def _text_layer_weights(t) -> int:
+  """Matmul weights of one text decoder layer: q, k, v, o and the SwiGLU MLP."""
+  return (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+          + t.num_attention_heads * t.head_dim * t.hidden_size
+          + 3 * t.hidden_size * t.intermediate_size)
+
+
 def rollout_floor(config, rows: int, prompt: int, new: int, patches: int, peak: float,
                   bandwidth: float) -> tuple[float, float, float]:
   """(prefill s, ms per decode step, total s): the prefill's FLOPs at `peak` GFLOP/s, then
   per token the text weights, the LM head and the average KV cache read at `bandwidth`."""
   t = config.text
-  layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-           + t.num_attention_heads * t.head_dim * t.hidden_size
-           + 3 * t.hidden_size * t.intermediate_size)
-  weights = t.num_hidden_layers * layer + t.hidden_size * t.vocab_size
+  weights = t.num_hidden_layers * _text_layer_weights(t) + t.hidden_size * t.vocab_size
   cache = (2 * t.num_hidden_layers * rows * t.num_key_value_heads * t.head_dim
            * (prompt + new / 2))
   step = 4 * (weights + cache) / (bandwidth * 1e9)
@@ -159,10 +163,8 @@ def rollout_floor(config, rows: int, prompt: int, new: int, patches: int, peak: 
 def forward_flops(config, rows: int, length: int, patches: int) -> float:
   """Analytic forward FLOPs of `rows` sequences (dense attention, as both sides compute)."""
   t, v = config.text, config.vision
-  layer = (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-           + t.num_attention_heads * t.head_dim * t.hidden_size
-           + 3 * t.hidden_size * t.intermediate_size)
-  text = 2 * length * (t.num_hidden_layers * layer + t.hidden_size * t.vocab_size)
+  text = 2 * length * (t.num_hidden_layers * _text_layer_weights(t)
+                       + t.hidden_size * t.vocab_size)
   text += 4 * t.num_hidden_layers * t.hidden_size * length * length
   vlayer = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size
   merged = 4 * v.hidden_size

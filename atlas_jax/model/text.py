@@ -81,13 +81,11 @@ class DecoderLayer(nn.Module):
     attn = checkpoint_name(attn, "attention_out")
     x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
                          dtype=self.dtype, name="o")(attn)
-    x = sharding.constrain(x, ("activation_batch", "activation_length",
-                                       "activation_embed"))
+    x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")(x)
     x = x + layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype,
                           name="mlp")(h)
-    x = sharding.constrain(x, ("activation_batch", "activation_length",
-                                       "activation_embed"))
+    x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return ((x, cache) if cache is not None else x), None
 
 
@@ -124,17 +122,19 @@ def split_layers(layer_params, num_layers: int) -> tuple:
   return tuple(jax.tree.map(lambda x, i=i: x[i], layer_params) for i in range(num_layers))
 
 
-def decode_layers(config: TextConfig, dtype, layer_params: tuple, x, cos, sin, mask,
-                  cache_index, caches: tuple):
-  """The decoder layers unrolled over per-layer params and caches (the decode step).
+def decode_layers(config: TextConfig, dtype, layer_params: tuple, final_norm, x, cos, sin,
+                  mask, cache_index, caches: tuple):
+  """`Decoder` with a cache, its layers unrolled over per-layer params and caches (the
+  decode step).
 
-  layer_params: `split_layers` of params["decoder"]["layers"]; caches: L x {"k", "v"}:
-  [B, K, S, H]. x: float[B, T, D] embeddings. Returns (x before the final norm, the updated
-  caches).
+  layer_params: `split_layers` of params["decoder"]["layers"]; final_norm:
+  params["decoder"]["final_norm"]; caches: L x {"k", "v"}: [B, K, S, H]. x: float[B, T, D]
+  embeddings. Returns (final-norm hidden states float[B, T, D], the updated caches).
   """
   layer = DecoderLayer(config, dtype)
   new = []
   for p, cache in zip(layer_params, caches, strict=True):
     (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index, None)
     new.append(cache)
-  return x, tuple(new)
+  norm = layers.RMSNorm(config.rms_norm_eps, dtype)
+  return norm.apply({"params": final_norm}, x), tuple(new)

@@ -74,12 +74,17 @@ class Qwen25VL(nn.Module):
   def hidden_states(self, input_ids, position_ids, mask, pixel_values=None,
                     image_grid_thw=None, cache_index=None, cache=None):
     """Final-norm hidden states float[B, T, D] and the updated cache."""
+    x, cos, sin = self.decoder_inputs(input_ids, position_ids, pixel_values, image_grid_thw)
+    return self.decoder(x, cos, sin, mask, cache_index, cache)
+
+  def decoder_inputs(self, input_ids, position_ids, pixel_values=None, image_grid_thw=None):
+    """The decoder's inputs: embeddings float[B, T, D] (image features in place) and the
+    M-RoPE cos, sin float32[B, T, H] of position_ids int[3, B, T]."""
     cfg = self.config.text
     x = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
-    x = sharding.constrain(x, ("activation_batch", "activation_length",
-                                       "activation_embed"))
+    x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = rope.text_rope(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-    return self.decoder(x, cos, sin, mask, cache_index, cache)
+    return x, cos, sin
 
   def logits(self, hidden):
     """float32[..., V] from hidden states float[..., D]."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from atlas_jax import sharding
-from atlas_jax.model import layers, rope, text, vlm
+from atlas_jax.model import rope, text, vlm
 from atlas_jax.model.config import ModelConfig
 
 CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
@@ -159,7 +159,6 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
   t = state.prompt_mask.shape[1]
   tc, dtype = config.text, jnp.dtype(config.dtype)
   layer_params = text.split_layers(params["decoder"]["layers"], tc.num_hidden_layers)
-  final_norm = layers.RMSNorm(tc.rms_norm_eps, dtype)
 
   def cond(st: SamplerState):
     return (st.step < n) & ~jnp.all(st.done)
@@ -172,14 +171,12 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
     keys = keys | ((slots >= t) & (slots <= index))[None, :]
     positions = jnp.broadcast_to(st.next_position[None, :, None] + st.step - 1,
                                  (3, st.done.shape[0], 1))
-    x = model.apply({"params": params}, last, None, None, method=vlm.Qwen25VL.embed_inputs)
-    x = sharding.constrain(x, ("activation_batch", "activation_length",
-                                       "activation_embed"))
-    cos, sin = rope.text_rope(positions, tc.head_dim, tc.rope_theta, tc.mrope_section)
-    x, cache = text.decode_layers(tc, dtype, layer_params, x, cos, sin, keys[:, None, :],
-                                  index, st.cache)
+    x, cos, sin = model.apply({"params": params}, last, positions,
+                              method=vlm.Qwen25VL.decoder_inputs)
+    hidden, cache = text.decode_layers(tc, dtype, layer_params,
+                                       params["decoder"]["final_norm"], x, cos, sin,
+                                       keys[:, None, :], index, st.cache)
     cache = sharding.constrain(cache, LAYER_CACHE_AXES)
-    hidden = final_norm.apply({"params": params["decoder"]["final_norm"]}, x)
     logits = model.apply({"params": params}, hidden[:, 0], method=vlm.Qwen25VL.logits)
     rng, key = jax.random.split(st.rng)
     token, logp = _choose(logits, allowed, key, settings)

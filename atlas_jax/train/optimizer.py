@@ -104,13 +104,18 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   (each {trainable, lr_scale}; see `group_settings`), moments_dtype (float32 | bfloat16).
   Frozen groups get zero updates, hold no moments and are left out of the clipping norm.
   """
-  key = json.dumps(optim.to_dict(), sort_keys=True, default=repr)
+  key = config_key(optim)
   if key not in _OPTIMIZERS:
     _OPTIMIZERS[key] = _make_optimizer(optim)
   return _OPTIMIZERS[key]
 
 
 _OPTIMIZERS: dict[str, optax.GradientTransformation] = {}
+
+
+def config_key(group) -> str:
+  """A config group's fields as one string: equal groups, equal keys."""
+  return json.dumps(group.to_dict(), sort_keys=True, default=repr)
 
 
 def _make_optimizer(optim) -> optax.GradientTransformation:

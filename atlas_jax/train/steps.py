@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import json
 
 import jax
 import numpy as np
@@ -39,10 +38,6 @@ from atlas_jax.train.sft import sft_step
 
 _BUILT: collections.OrderedDict = collections.OrderedDict()
 _KEEP = 8  # jitted steps kept (each holds its compiled executables)
-
-
-def _config_key(group) -> str:
-  return json.dumps(group.to_dict(), sort_keys=True, default=repr)
 
 
 _SHARED = [True]
@@ -82,7 +77,7 @@ def sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   (`run.BATCH_RANKS` fields), sharded over data x fsdp."""
   optim = run_lib.resolve_optim(c)
   key = ("sft", model_config, optimizer, mesh, _sharding_key(state_sh),
-         tuple(np.asarray(functional_ids).tolist()), _config_key(optim), c.train.logprob_chunk)
+         tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(optim), c.train.logprob_chunk)
   return _memo(key, lambda: _sft_step_fn(c, model_config, mesh, optimizer, state_sh,
                                          functional_ids, optim))
 
@@ -110,7 +105,7 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
   fields plus old_logp, and ref_logp when rl.beta > 0)."""
   key = ("rl_update", model_config, optimizer, mesh, _sharding_key(state_sh),
-         tuple(np.asarray(functional_ids).tolist()), _config_key(c.rl), c.train.logprob_chunk)
+         tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(c.rl), c.train.logprob_chunk)
   return _memo(key, lambda: jax.jit(
       functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
                         functional_ids=functional_ids, chunk=c.train.logprob_chunk),
