@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from atlas_jax import checkpoint as checkpoint_lib
@@ -207,3 +208,21 @@ def test_all_groups_frozen_is_refused():
     c.optim[name].trainable = False
   with pytest.raises(ValueError, match="nothing would train"):
     validate_config(c)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clipping_matches_optax_above_and_below_the_threshold(max_norm):
+  """The fused clip (one scalar product) is optax.clip_by_global_norm: within one rounding
+  step when it clips, bitwise when the norm is below the threshold."""
+  rng = np.random.default_rng(0)
+  grads = {"a": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+           "b": {"c": jnp.asarray(rng.normal(size=(7,)), jnp.float32)}}
+  ours, _ = optimizer_lib.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  assert float(optax.global_norm(ours)) == pytest.approx(min(max_norm, float(
+      optax.global_norm(grads))), rel=1e-6)
+  for o, w in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+    if max_norm > 50:
+      np.testing.assert_array_equal(np.asarray(o), np.asarray(w))
+    else:
+      np.testing.assert_allclose(np.asarray(o), np.asarray(w), rtol=2e-7, atol=0)

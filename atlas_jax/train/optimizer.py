@@ -118,6 +118,21 @@ def config_key(group) -> str:
   return json.dumps(group.to_dict(), sort_keys=True, default=repr)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm's transform, applied as one scalar product: every update is
+  multiplied by min(1, max_norm / global norm) (exactly 1 below the threshold).
+
+  optax divides each element by the norm and selects; XLA:CPU materialises that quotient
+  as its own pass over every gradient (the Adam moments and the update each read it), 45 ms
+  of the bench's 35M-parameter update; a product by a scalar fuses into the Adam update.
+  """
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _make_optimizer(optim) -> optax.GradientTransformation:
   settings = group_settings(optim)
   frozen = {name for name, s in settings.items() if not s["trainable"]}
@@ -126,7 +141,7 @@ def _make_optimizer(optim) -> optax.GradientTransformation:
   tx = optax.chain(
       optax.masked(optax.set_to_zero(),
                    lambda p: jax.tree.map(lambda g: g in frozen, param_groups(p))),
-      optax.clip_by_global_norm(optim.clip_norm),
+      clip_by_global_norm(optim.clip_norm),
       optax.multi_transform(per_group, param_groups))
   if optim.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum)

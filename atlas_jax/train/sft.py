@@ -100,13 +100,20 @@ def sft_loss(config: ModelConfig, params, batch, functional_ids, chunk: int = 51
 
 
 def apply_if_finite(state: TrainState, grads, optimizer, finite):
-  """The optimizer update, or (when `finite` is False) the old params/opt_state."""
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  return state.replace(step=state.step + 1, params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state),
-                       skipped=state.skipped + (~finite).astype(jnp.int32))
+  """The optimizer update, or (when `finite` is False) the old params/opt_state.
+
+  A branch, not a select: `jnp.where(finite, new, old)` over params and moments costs a
+  pass over both on XLA:CPU (95 ms of the bench's 35M-parameter update); `lax.cond` runs
+  the update alone.
+  """
+  def apply(state):
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
+
+  def skip(state):
+    return state.replace(step=state.step + 1, skipped=state.skipped + 1)
+  return jax.lax.cond(finite, apply, skip, state)
 
 
 def sft_step(state: TrainState, batch, *, config: ModelConfig, optimizer, functional_ids,
