@@ -137,12 +137,13 @@ def param_counts(config) -> tuple[int, int]:
 
 
 def model_flops(config, step: str, *, rows: int, length: int, patches: int,
-                new_tokens: int = 0) -> float:
+                new_tokens: int = 0, logit_positions: int | None = None) -> float:
   """Analytic FLOPs of one step, all chips, without rematerialisation: 2 per matmul
   parameter per token (text) or patch (vision) forward, 3x that with the backward pass,
   plus attention (causal 2 x L x N x H x T^2 text; vision full-attention blocks over all
   patches, window blocks over their windows). `decode` is one token per row against a
-  cache of `length` + `new_tokens` / 2 slots on average."""
+  cache of `length` + `new_tokens` / 2 slots on average. logit_positions: the positions
+  per row the LM head runs on (default `length`; the RL steps' completion window)."""
   n_text, n_vision = param_counts(config)
   t, v = config.text, config.vision
   vision_window = (v.window_size // v.patch_size) ** 2
@@ -153,7 +154,9 @@ def model_flops(config, step: str, *, rows: int, length: int, patches: int,
     cache = length + new_tokens / 2
     return rows * (2 * n_text + 4 * t.num_hidden_layers * t.num_attention_heads * t.head_dim
                    * cache)
-  forward = (2 * n_text * length + 2 * t.num_hidden_layers * t.num_attention_heads
+  head = t.hidden_size * t.vocab_size * (length - (length if logit_positions is None
+                                                   else logit_positions))
+  forward = (2 * n_text * length - 2 * head + 2 * t.num_hidden_layers * t.num_attention_heads
              * t.head_dim * length**2 + 2 * n_vision * patches + vision_attention)
   return rows * forward * (1 if step in ("prefill", "old-logp") else 3)
 
@@ -274,10 +277,11 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
   reports = []
 
   def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
-          logit_passes=0):
+          logit_passes=0, logit_length=None):
     """Compiles `lower(fresh=False)` (the loop's jitted function lowered on `args`) and
     appends its report; `lower(fresh=True)` must lower a new jit of the same function (so
-    that the unrolled variant is traced anew)."""
+    that the unrolled variant is traced anew). logit_length: the positions per row the LM
+    head runs on (default `length`)."""
     t0 = time.perf_counter()
     with sharding.with_rules(mesh, rules):
       lowered = lower(False)
@@ -298,13 +302,15 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     # bytes are left as compiled (an upper bound dominated by the cache).
     if name != "prefill":
       nbytes *= full_bytes / max(scanned_bytes, 1.0)
-    chunks = length // min(chunk, length)
-    flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, length)
+    logit_length = length if logit_length is None else logit_length
+    chunks = logit_length // min(chunk, logit_length)
+    flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
               * config.text.hidden_size * config.text.vocab_size / n_devices)
     # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
     seconds = tokens * max(flops / peak, nbytes / bandwidth) if compiled is not None else 0.0
     analytic = model_flops(config, name, rows=rows, length=length, patches=d.max_patches,
-                           new_tokens=rl.max_new_tokens) * tokens / n_devices
+                           new_tokens=rl.max_new_tokens,
+                           logit_positions=logit_length) * tokens / n_devices
     reports.append(Report(
         size=c.model.size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
         compile_s=compile_s, attention=config.attention_impl, recipe=recipe, length=length,
@@ -368,14 +374,14 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
                             advantages=((r,), jnp.float32)))
   if wanted("old-logp"):
     run("old-logp", lambda fresh: steps_lib.old_logps_fn(c, config).lower(state.params, batch),
-        (state.params, batch), rows=r, length=length, logit_passes=1)
+        (state.params, batch), rows=r, length=length, logit_passes=1, logit_length=n)
   update_batch = dict(batch, **_batch(mesh, dict(old_logp=per_token)))
   if rl.beta > 0:
     update_batch.update(_batch(mesh, dict(ref_logp=per_token)))
   if wanted("la-grpo"):
     run("la-grpo", lambda fresh: steps_lib.rl_update_fn(
         c, config, mesh, optimizer, state_sh, functional_ids).lower(state, update_batch),
-        (state, update_batch), rows=r, length=length, logit_passes=4)
+        (state, update_batch), rows=r, length=length, logit_passes=4, logit_length=n)
   return reports
 
 

@@ -161,3 +161,34 @@ def test_variant_fields_reach_the_loss():
   dr = run(_rl(0.0, loss_agg="dr_grpo", max_new_tokens=112))
   norm = run(_rl(0.0, loss_agg="seq-mean-token-sum-norm", max_new_tokens=112))
   assert float(norm[0]) == pytest.approx(8 * float(dr[0]), rel=1e-5)  # x B (8 rollouts)
+
+
+def test_the_completion_window_matches_every_position():
+  """completion_length (the rollout layout) runs the LM head on the completion's positions
+  only: the same log-probs there, 0 before them, and the same loss and gradient."""
+  from atlas_jax.rl.update import token_logps
+  params = init_params(CONFIG, jax.random.key(0))
+  batch = _rollouts(params)
+  n = 112
+  window = functools.partial(token_logps, CONFIG, chunk=16, completion_length=n)
+  full, full_ent = jax.jit(functools.partial(token_logps, CONFIG, chunk=64))(params, batch)
+  logp, ent = jax.jit(window)(params, batch)
+  predicts = np.zeros(full.shape, bool)
+  predicts[:, -n - 1:-1] = True
+  np.testing.assert_allclose(np.asarray(logp)[predicts], np.asarray(full)[predicts], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ent)[predicts], np.asarray(full_ent)[predicts],
+                             atol=1e-5)
+  assert not np.asarray(logp)[~predicts].any() and not np.asarray(ent)[~predicts].any()
+  grads = {}
+  for length in (None, n):
+    loss = functools.partial(rl_loss, CONFIG, batch=batch, rl=_rl(0.1),
+                             functional_ids=jnp.asarray(FUNCTIONAL), chunk=16,
+                             completion_length=length)
+    grads[length] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  (loss_full, _), g_full = grads[None]
+  (loss_window, _), g_window = grads[n]
+  assert float(loss_window) == pytest.approx(float(loss_full), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g_window), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+  with pytest.raises(ValueError, match="leaves no prompt"):
+    token_logps(CONFIG, params, batch, chunk=64, completion_length=128)

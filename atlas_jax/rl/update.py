@@ -44,14 +44,28 @@ def prediction_mask(batch: dict):
 
 
 def token_logps(config: ModelConfig, params, batch: dict, *, chunk: int,
-                temperature: float = 1.0):
-  """Trainer log-probs and entropies float32[R, L] (prediction layout) of a rollout batch."""
+                temperature: float = 1.0, completion_length: int | None = None):
+  """Trainer log-probs and entropies float32[R, L] (prediction layout) of a rollout batch.
+
+  completion_length (static): the rows end in a completion of this many tokens (the
+  rollout layout: `rl.max_new_tokens`, `rollout.assemble`). The LM head and the softmax
+  then run only on the N positions that predict them, j = L - N - 1 .. L - 2, and every
+  other entry is 0; the prompt's positions predict nothing the loss reads (its
+  completion_mask is 0). None: every position.
+  """
   batch = with_positions(config, batch)
   hidden = sft.model_hidden(config, params, batch)
-  targets = jnp.concatenate([batch["input_ids"][:, 1:],
-                             jnp.zeros_like(batch["input_ids"][:, :1])], axis=1)
-  stats = sft.chunked_token_stats(config, params, hidden, targets, chunk, temperature)
-  return stats["logp"], stats["entropy"]
+  targets = _targets(batch)
+  length = hidden.shape[1]
+  start = 0 if completion_length is None else length - completion_length - 1
+  if start < 0:
+    raise ValueError(f"completion_length {completion_length} leaves no prompt in rows of "
+                     f"length {length}")
+  stop = length if completion_length is None else length - 1
+  stats = sft.chunked_token_stats(config, params, hidden[:, start:stop], targets[:, start:stop],
+                                  chunk, temperature)
+  place = lambda x: jnp.pad(x, ((0, 0), (start, length - stop)))
+  return place(stats["logp"]), place(stats["entropy"])
 
 
 # rl fields added after the first recipes, with the values an older rl group means.
@@ -69,10 +83,12 @@ def _targets(batch: dict):
   return jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
 
 
-def rl_loss(config: ModelConfig, params, batch: dict, *, rl, functional_ids, chunk: int):
+def rl_loss(config: ModelConfig, params, batch: dict, *, rl, functional_ids, chunk: int,
+            completion_length: int | None = None):
   """LA-GRPO loss and metrics. `rl` is the config's rl group (fields missing from an
-  older group take `_RL_DEFAULTS`)."""
-  logp, entropy = token_logps(config, params, batch, chunk=chunk, temperature=rl.temperature)
+  older group take `_RL_DEFAULTS`); completion_length as in `token_logps`."""
+  logp, entropy = token_logps(config, params, batch, chunk=chunk, temperature=rl.temperature,
+                              completion_length=completion_length)
   mask = prediction_mask(batch)
   functional_mask = jnp.isin(_targets(batch), functional_ids).astype(jnp.float32) * mask
   loss, metrics = grpo.grpo_loss(
@@ -116,13 +132,14 @@ def row_grad_norms(grads, batch: dict, functional_ids) -> dict:
 
 
 def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, rl,
-            functional_ids, chunk: int):
+            functional_ids, chunk: int, completion_length: int | None = None):
   """One LA-GRPO optimizer update. Pure; jit with donated state. A non-finite loss or
   gradient skips the update (counted in state.skipped). Metrics: rl_loss's, grad_norm,
-  skipped_step and the dilution diagnostic (`row_grad_norms`)."""
+  skipped_step and the dilution diagnostic (`row_grad_norms`). completion_length as in
+  `token_logps`."""
   grad_fn = jax.value_and_grad(
       functools.partial(rl_loss, config, batch=batch, rl=rl, functional_ids=functional_ids,
-                        chunk=chunk), has_aux=True)
+                        chunk=chunk, completion_length=completion_length), has_aux=True)
   (loss, metrics), grads = grad_fn(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

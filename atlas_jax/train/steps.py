@@ -96,9 +96,10 @@ def _sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, opt
 def old_logps_fn(c, model_config):
   """The jitted trainer log-prob pass: (params, rollout batch) -> (logp, entropy)
   float32[R, L] each (prediction layout); shardings follow the arguments."""
-  chunk, temperature = c.train.logprob_chunk, c.rl.temperature
-  return _memo(("old_logps", model_config, chunk, temperature), lambda: jax.jit(
-      functools.partial(token_logps, model_config, chunk=chunk, temperature=temperature)))
+  chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
+  return _memo(("old_logps", model_config, chunk, temperature, n), lambda: jax.jit(
+      functools.partial(token_logps, model_config, chunk=chunk, temperature=temperature,
+                        completion_length=n)))
 
 
 def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
@@ -108,7 +109,8 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
          tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(c.rl), c.train.logprob_chunk)
   return _memo(key, lambda: jax.jit(
       functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
-                        functional_ids=functional_ids, chunk=c.train.logprob_chunk),
+                        functional_ids=functional_ids, chunk=c.train.logprob_chunk,
+                        completion_length=c.rl.max_new_tokens),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0))
 
 
