@@ -103,6 +103,20 @@ def test_bad_config_stops_with_the_field_named(field, value, match):
     validate_config(c)
 
 
+def test_rl_steps_must_fill_whole_rollouts():
+  """train.steps counts optimizer micro-steps; each rollout takes inner_updates x grad_accum
+  of them, checked before any work."""
+  from configs import rl as rl_config
+  c = rl_config.get_config("tiny")
+  c.rl.inner_updates, c.optim.grad_accum = 2, 2
+  c.train.steps = 6
+  with pytest.raises(ValueError, match=r"train.steps 6 must be a multiple of rl.inner_updates "
+                     r"x optim.grad_accum = 4"):
+    validate_config(c)
+  c.train.steps = 8
+  validate_config(c)
+
+
 def test_launcher_rejects_an_override_typo(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "launch.train", "--config=configs/sft.py:tiny",

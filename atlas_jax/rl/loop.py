@@ -155,9 +155,6 @@ def train_rl(c, workdir: str):
   """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
   rl = c.rl
   per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
-  if c.train.steps % per_rollout:
-    raise ValueError(f"config.train.steps {c.train.steps} must be a multiple of "
-                     f"rl.inner_updates x optim.grad_accum = {per_rollout}")
   evals = in_training.TrainingEval.create(c)  # config.eval; None when off
   run, params = run_lib.start(c, workdir, c.train.steps)
   ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None

@@ -89,9 +89,10 @@ def validate_config(c) -> None:
                        f"[0, rl.max_new_tokens {rl.max_new_tokens}]")
     if rl.overlong_penalty < 0:
       raise ValueError(f"config.rl.overlong_penalty {rl.overlong_penalty} must be >= 0")
-    if c.train.steps % rl.inner_updates:
+    per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
+    if c.train.steps % per_rollout:
       raise ValueError(f"config.train.steps {c.train.steps} must be a multiple of "
-                       f"rl.inner_updates {rl.inner_updates}")
+                       f"rl.inner_updates x optim.grad_accum = {per_rollout}")
   if c.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype {c.model.dtype!r} is not float32/bfloat16/float16")
 
