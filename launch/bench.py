@@ -204,6 +204,7 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
   from atlas_jax.rl import sampler as sampler_lib
   from atlas_jax.rl.update import rl_step
   from atlas_jax.train import optimizer as optimizer_lib
+  from atlas_jax.train import steps as steps_lib
   from atlas_jax.train.sft import sft_step
   from atlas_jax.train.state import TrainState
   from atlas_jax import aot
@@ -300,8 +301,11 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
   completion = jnp.asarray(np.arange(t_full)[None] >= t_prompt, jnp.int32).repeat(b, 0)
   functional_ids = jnp.asarray([7000, 7001], jnp.int32)
 
-  def run_state_step(step_fn, step_batch):
-    step = jax.jit(step_fn, donate_argnums=0)
+  one_device = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+
+  def run_state_step(step_fn, step_batch):  # compiled as the training loops' steps are
+    step = jax.jit(step_fn, donate_argnums=0,
+                   compiler_options=steps_lib.gradient_compiler_options(one_device))
     holder = [TrainState.create(jax.tree.map(jnp.copy, params), optimizer, 0)]
 
     def once():
