@@ -322,7 +322,8 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
     sft_batch = dict(common, loss_mask=completion,
                      position_ids=jnp.asarray(np.transpose(pos, (1, 0, 2)), jnp.int32))
     c, t = run_state_step(functools.partial(sft_step, config=config, optimizer=optimizer,
-                                            functional_ids=functional_ids, chunk=t_full),
+                                            functional_ids=functional_ids, chunk=t_full,
+                                            skip=steps_lib.skip_mode(one_device)),
                           sft_batch)
     rows.append(Row(name, "SFT step (tok/s)", hf_tok_s, b * t_full / t, hf_first, c, 1.2,
                     flops / t / 1e9 / peak))
@@ -335,7 +336,8 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
     hf_rl_first, hf_rl_t, _ = timed(functools.partial(torch_step, window=True), FLAGS.repeats)
     c, t = run_state_step(functools.partial(rl_step, config=config, optimizer=optimizer, rl=rl,
                                             functional_ids=functional_ids, chunk=n,
-                                            completion_length=n), rl_batch)
+                                            completion_length=n,
+                                            skip=steps_lib.skip_mode(one_device)), rl_batch)
     rl_flops = 3 * forward_flops(config, b, t_full, pixels.shape[1], logit_positions=n)
     rows.append(Row(name, "LA-GRPO update (tok/s)", b * t_full / hf_rl_t, b * t_full / t,
                     hf_rl_first, c, 1.2, rl_flops / t / 1e9 / peak))

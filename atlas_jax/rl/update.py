@@ -132,11 +132,12 @@ def row_grad_norms(grads, batch: dict, functional_ids) -> dict:
 
 
 def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, rl,
-            functional_ids, chunk: int, completion_length: int | None = None):
+            functional_ids, chunk: int, completion_length: int | None = None,
+            skip: str = "select"):
   """One LA-GRPO optimizer update. Pure; jit with donated state. A non-finite loss or
-  gradient skips the update (counted in state.skipped). Metrics: rl_loss's, grad_norm,
-  skipped_step and the dilution diagnostic (`row_grad_norms`). completion_length as in
-  `token_logps`."""
+  gradient skips the update (counted in state.skipped; `skip` as in
+  `sft.apply_if_finite`). Metrics: rl_loss's, grad_norm, skipped_step and the dilution
+  diagnostic (`row_grad_norms`). completion_length as in `token_logps`."""
   grad_fn = jax.value_and_grad(
       functools.partial(rl_loss, config, batch=batch, rl=rl, functional_ids=functional_ids,
                         chunk=chunk, completion_length=completion_length), has_aux=True)
@@ -144,6 +145,6 @@ def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, r
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   diagnostic = row_grad_norms(grads, batch, functional_ids)
-  state = sft.apply_if_finite(state, grads, optimizer, finite)
+  state = sft.apply_if_finite(state, grads, optimizer, finite, skip)
   return state, dict(metrics, **diagnostic, grad_norm=grad_norm,
                      skipped_step=(~finite).astype(jnp.float32))

@@ -99,29 +99,41 @@ def sft_loss(config: ModelConfig, params, batch, functional_ids, chunk: int = 51
   return loss, metrics
 
 
-def apply_if_finite(state: TrainState, grads, optimizer, finite):
+SKIPS = ("select", "branch")
+
+
+def apply_if_finite(state: TrainState, grads, optimizer, finite, skip: str = "select"):
   """The optimizer update, or (when `finite` is False) the old params/opt_state.
 
-  A branch, not a select: `jnp.where(finite, new, old)` over params and moments costs a
-  pass over both on XLA:CPU (95 ms of the bench's 35M-parameter update); `lax.cond` runs
-  the update alone.
+  skip (static): how the old state is kept. "select": `jnp.where(finite, new, old)` over
+  params and moments, which TPU and GPU fuse into the update (a branch costs them a copy
+  of the state: +20 GiB per chip for 72B SFT on v5p:2x2x4). "branch": `lax.cond`, for
+  XLA:CPU, where the select is a pass of its own over the state (95 ms of the bench
+  model's update) and the branch runs the update alone. `steps` picks by platform.
   """
+  if skip not in SKIPS:
+    raise ValueError(f"skip {skip!r} is not one of {SKIPS}")
+
   def apply(state):
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state)
 
-  def skip(state):
+  def keep(state):
     return state.replace(step=state.step + 1, skipped=state.skipped + 1)
-  return jax.lax.cond(finite, apply, skip, state)
+  if skip == "branch":
+    return jax.lax.cond(finite, apply, keep, state)
+  new, old = apply(state), keep(state)
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def sft_step(state: TrainState, batch, *, config: ModelConfig, optimizer, functional_ids,
-             lr_schedule=None, chunk: int = 512):
+             lr_schedule=None, chunk: int = 512, skip: str = "select"):
   """One SFT update: (state, batch) -> (state, metrics). Pure; jit it with donated state.
 
   A non-finite loss or gradient norm skips the update (params and optimizer state stay as
-  they were), counts it in `state.skipped` and reports `skipped_step = 1`.
+  they were), counts it in `state.skipped` and reports `skipped_step = 1`; `skip` as in
+  `apply_if_finite`.
   """
   grad_fn = jax.value_and_grad(
       functools.partial(sft_loss, config, batch=batch, functional_ids=functional_ids,
@@ -129,7 +141,7 @@ def sft_step(state: TrainState, batch, *, config: ModelConfig, optimizer, functi
   (loss, metrics), grads = grad_fn(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new_state = apply_if_finite(state, grads, optimizer, finite)
+  new_state = apply_if_finite(state, grads, optimizer, finite, skip)
   metrics = dict(metrics, grad_norm=grad_norm, skipped_step=(~finite).astype(jnp.float32))
   if lr_schedule is not None:
     metrics["learning_rate"] = lr_schedule(state.step)

@@ -67,6 +67,12 @@ def _memo(key, build):
   return fn
 
 
+def skip_mode(mesh) -> str:
+  """How the gradient steps keep the old state on a non-finite update
+  (`sft.apply_if_finite`): a branch on CPU, a select elsewhere."""
+  return "branch" if mesh.devices.flat[0].platform == "cpu" else "select"
+
+
 def gradient_compiler_options(mesh) -> dict | None:
   """XLA options for the steps with a backward pass, by the mesh's platform.
 
@@ -102,7 +108,7 @@ def _sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, opt
       functools.partial(sft_step, config=model_config, optimizer=optimizer,
                         functional_ids=functional_ids,
                         lr_schedule=lambda s: schedule(s // optim.grad_accum),
-                        chunk=c.train.logprob_chunk),
+                        chunk=c.train.logprob_chunk, skip=skip_mode(mesh)),
       in_shardings=(state_sh, run_lib.batch_shardings(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
       compiler_options=gradient_compiler_options(mesh))
@@ -125,7 +131,7 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   return _memo(key, lambda: jax.jit(
       functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
                         functional_ids=functional_ids, chunk=c.train.logprob_chunk,
-                        completion_length=c.rl.max_new_tokens),
+                        completion_length=c.rl.max_new_tokens, skip=skip_mode(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
       compiler_options=gradient_compiler_options(mesh)))
 
