@@ -33,13 +33,14 @@ def _metrics(workdir):
     return [json.loads(l) for l in f]
 
 
-LEARN_STEPS, EVERY = 80, 4
+LEARN_STEPS, EVERY = 80, 38
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-  """One 80-step run on the suite, an (asynchronous) checkpoint every 4 steps, the last two
-  kept: the learning check reads its metrics, the resume check restarts from step 76."""
+  """One 80-step run on the suite, an (asynchronous) checkpoint every 38 steps and at the
+  end, the last two kept (step 38's is removed): the learning check reads its metrics, the
+  resume check restarts from step 76."""
   tmp = str(tmp_path_factory.mktemp("sft_learn"))
   c = _config(tmp, **{"train.steps": LEARN_STEPS, "train.log_every": 10,
                       "data.synthetic_per_family": 40, "data.batch_size": 8,
