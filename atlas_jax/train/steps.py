@@ -12,6 +12,10 @@ run executes: same functions, same static settings, same shardings and donation.
   micro_batches    RL: a rollout batch split into optim.grad_accum micro-batches
   sampler_settings RL: the sampler's static settings from the rl group
 
+The gradient steps also take two choices by the mesh's platform (`skip_mode`,
+`gradient_compiler_options`): what is cheap on XLA:CPU can cost an accelerator memory, so
+the AOT report, which compiles for a TPU mesh, sees the TPU choices.
+
 A builder called again with equal settings (the same model config, optimizer, mesh,
 shardings and config fields) returns the jitted function it built before, so runs in one
 process (an ablation's variants and seeds, a resume, an evaluation) trace and compile each
