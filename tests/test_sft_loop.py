@@ -34,6 +34,7 @@ def _metrics(workdir):
 
 
 LEARN_STEPS, EVERY = 80, 38
+RESUME_AT = LEARN_STEPS // EVERY * EVERY  # 76: the last periodic checkpoint before the end
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_resume_is_bitwise_exact(learned, tmp_path):
   epoch, the schedule near its end) ends bitwise equal to the uninterrupted run at step
   80: params, optimizer state, rng and data position."""
   tmp, c = learned
-  start = LEARN_STEPS - EVERY
+  start = RESUME_AT
   resumed = str(tmp_path / "resumed")
   shutil.copytree(os.path.join(tmp, "run", "checkpoints", str(start)),
                   os.path.join(resumed, "checkpoints", str(start)))
