@@ -52,6 +52,9 @@ MODELS = {
                   v_depth=4, v_hidden=256, v_heads=4, v_mlp=512),
     "wide": dict(hidden=1024, layers=4, heads=16, kv_heads=4, mlp=2816, vocab=8192,
                  v_depth=4, v_hidden=256, v_heads=4, v_mlp=512),
+    # The test suite's smoke size (tests/test_bench.py), not a benchmark.
+    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=8192,
+                 v_depth=2, v_hidden=32, v_heads=2, v_mlp=64),
 }
 IMAGE, VIDEO, V_START, V_END = 8000, 8001, 8002, 8003
 # Never generated (both sides): a sampled image token in the completion would make the

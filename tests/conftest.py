@@ -36,6 +36,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 _LONGEST_FIRST = ("test_distributed_rl.py", "test_sft_loop.py", "test_multidevice.py",
                   "test_ablate.py", "test_rl_loop.py", "test_aot.py", "test_hf_export.py",
                   "test_distributed.py", "test_eval_training.py", "test_multi_image.py",
+                  "test_bench.py",
                   "test_eval_multihost.py", "test_bad_data.py", "test_rl_update.py",
                   "test_sft_step.py")
 
