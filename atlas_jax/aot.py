@@ -154,8 +154,9 @@ def model_flops(config, step: str, *, rows: int, length: int, patches: int,
     cache = length + new_tokens / 2
     return rows * (2 * n_text + 4 * t.num_hidden_layers * t.num_attention_heads * t.head_dim
                    * cache)
-  head = t.hidden_size * t.vocab_size * (length - (length if logit_positions is None
-                                                   else logit_positions))
+  # n_text counts the LM head at every position; take off the positions it skips.
+  skipped = 0 if logit_positions is None else length - logit_positions
+  head = t.hidden_size * t.vocab_size * skipped
   forward = (2 * n_text * length - 2 * head + 2 * t.num_hidden_layers * t.num_attention_heads
              * t.head_dim * length**2 + 2 * n_vision * patches + vision_attention)
   return rows * forward * (1 if step in ("prefill", "old-logp") else 3)

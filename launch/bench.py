@@ -310,11 +310,12 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
   completion = jnp.asarray(np.arange(t_full)[None] >= t_prompt, jnp.int32).repeat(b, 0)
   functional_ids = jnp.asarray([7000, 7001], jnp.int32)
 
-  one_device = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+  platform = jax.devices()[0].platform
 
   def run_state_step(step_fn, step_batch):  # compiled as the training loops' steps are
-    step = jax.jit(step_fn, donate_argnums=0,
-                   compiler_options=steps_lib.gradient_compiler_options(one_device))
+    step = jax.jit(functools.partial(step_fn, skip=steps_lib.skip_mode(platform)),
+                   donate_argnums=0,
+                   compiler_options=steps_lib.gradient_compiler_options(platform))
     holder = [TrainState.create(jax.tree.map(jnp.copy, params), optimizer, 0)]
 
     def once():
@@ -331,8 +332,7 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
     sft_batch = dict(common, loss_mask=completion,
                      position_ids=jnp.asarray(np.transpose(pos, (1, 0, 2)), jnp.int32))
     c, t = run_state_step(functools.partial(sft_step, config=config, optimizer=optimizer,
-                                            functional_ids=functional_ids, chunk=t_full,
-                                            skip=steps_lib.skip_mode(one_device)),
+                                            functional_ids=functional_ids, chunk=t_full),
                           sft_batch)
     rows.append(Row(name, "SFT step (tok/s)", hf_tok_s, b * t_full / t, hf_first, c, 1.2,
                     flops / t / 1e9 / peak))
@@ -345,8 +345,7 @@ def bench_model(name: str, spec: dict, peak: float, out_dir: str,
     hf_rl_first, hf_rl_t, _ = timed(functools.partial(torch_step, window=True), FLAGS.repeats)
     c, t = run_state_step(functools.partial(rl_step, config=config, optimizer=optimizer, rl=rl,
                                             functional_ids=functional_ids, chunk=n,
-                                            completion_length=n,
-                                            skip=steps_lib.skip_mode(one_device)), rl_batch)
+                                            completion_length=n), rl_batch)
     rl_flops = 3 * forward_flops(config, b, t_full, pixels.shape[1], logit_positions=n)
     rows.append(Row(name, "LA-GRPO update (tok/s)", b * t_full / hf_rl_t, b * t_full / t,
                     hf_rl_first, c, 1.2, rl_flops / t / 1e9 / peak))

@@ -71,14 +71,18 @@ def _memo(key, build):
   return fn
 
 
-def skip_mode(mesh) -> str:
+def _platform(mesh) -> str:
+  return mesh.devices.flat[0].platform
+
+
+def skip_mode(platform: str) -> str:
   """How the gradient steps keep the old state on a non-finite update
   (`sft.apply_if_finite`): a branch on CPU, a select elsewhere."""
-  return "branch" if mesh.devices.flat[0].platform == "cpu" else "select"
+  return "branch" if platform == "cpu" else "select"
 
 
-def gradient_compiler_options(mesh) -> dict | None:
-  """XLA options for the steps with a backward pass, by the mesh's platform.
+def gradient_compiler_options(platform: str) -> dict | None:
+  """XLA options for the steps with a backward pass, by platform ("cpu", "tpu", ...).
 
   CPU: YNNPACK fuses the dots only. Its default also fuses elementwise producers into
   them, and then the backward pass recomputes each weight gradient's elementwise producer
@@ -86,7 +90,7 @@ def gradient_compiler_options(mesh) -> dict | None:
   without, the SFT step ran 5-7% faster (the same step compiled both ways, timed
   alternately in one process). Other platforms: none.
   """
-  if mesh.devices.flat[0].platform != "cpu":
+  if platform != "cpu":
     return None
   return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
@@ -101,7 +105,8 @@ def sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   (`run.BATCH_RANKS` fields), sharded over data x fsdp."""
   optim = run_lib.resolve_optim(c)
   key = ("sft", model_config, optimizer, mesh, _sharding_key(state_sh),
-         tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(optim), c.train.logprob_chunk)
+         tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(optim),
+         c.train.logprob_chunk)
   return _memo(key, lambda: _sft_step_fn(c, model_config, mesh, optimizer, state_sh,
                                          functional_ids, optim))
 
@@ -112,10 +117,10 @@ def _sft_step_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, opt
       functools.partial(sft_step, config=model_config, optimizer=optimizer,
                         functional_ids=functional_ids,
                         lr_schedule=lambda s: schedule(s // optim.grad_accum),
-                        chunk=c.train.logprob_chunk, skip=skip_mode(mesh)),
+                        chunk=c.train.logprob_chunk, skip=skip_mode(_platform(mesh))),
       in_shardings=(state_sh, run_lib.batch_shardings(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
-      compiler_options=gradient_compiler_options(mesh))
+      compiler_options=gradient_compiler_options(_platform(mesh)))
 
 
 def old_logps_fn(c, model_config):
@@ -131,13 +136,14 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids):
   """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
   fields plus old_logp, and ref_logp when rl.beta > 0)."""
   key = ("rl_update", model_config, optimizer, mesh, _sharding_key(state_sh),
-         tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(c.rl), c.train.logprob_chunk)
+         tuple(np.asarray(functional_ids).tolist()), optimizer_lib.config_key(c.rl),
+         c.train.logprob_chunk)
   return _memo(key, lambda: jax.jit(
       functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
                         functional_ids=functional_ids, chunk=c.train.logprob_chunk,
-                        completion_length=c.rl.max_new_tokens, skip=skip_mode(mesh)),
+                        completion_length=c.rl.max_new_tokens, skip=skip_mode(_platform(mesh))),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
-      compiler_options=gradient_compiler_options(mesh)))
+      compiler_options=gradient_compiler_options(_platform(mesh))))
 
 
 def sampler_settings(rl, *, stop_ids, pad_id: int, greedy: bool = False,
