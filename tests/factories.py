@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -18,6 +19,32 @@ def xla_flags(devices: int = 1) -> str:
   if devices == 1:
     return TEST_XLA_FLAGS
   return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
+
+@contextlib.contextmanager
+def optimized_compiles(level: int = 1):
+  """Within: the training steps and the sampler's prefill and decode compile with LLVM at
+  -O`level` (per jit, through compiler_options) instead of the session's -O0. For the
+  tests that run one compiled step many times (the learning runs): at -O1 the tiny SFT
+  step compiles in ~4 s instead of ~1.5 s and runs about twice as fast. Leave it on for
+  every run a bitwise comparison pairs (a resume and its original), so both run the same
+  executables."""
+  from unittest import mock
+
+  import jax
+
+  from atlas_jax.rl import sampler
+  from atlas_jax.train import steps
+  option = {"xla_backend_optimization_level": level}
+  options = steps.gradient_compiler_options
+  jit = lambda fn, donate: jax.jit(fn, static_argnames=("config", "settings"),
+                                   static_argnums=0, donate_argnums=donate,
+                                   compiler_options=option)
+  with mock.patch.object(steps, "gradient_compiler_options",
+                         lambda platform: {**(options(platform) or {}), **option}), \
+       mock.patch.object(sampler, "_prefill_jit", jit(sampler.prefill, ())), \
+       mock.patch.object(sampler, "_decode_jit", jit(sampler.decode, 2)):
+    yield
 
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 390, 391, 392, 393

@@ -1,9 +1,9 @@
 """Two processes on localhost (jax.distributed, 2 CPU devices each) run the RL recipe through
-`python -m launch.train` from an SFT checkpoint: 4 steps, a checkpoint every 2. Each
-process decodes and scores only its own rows; the rewards and every logged mean equal a
+`python -m launch.train` from an SFT checkpoint: 3 steps, a checkpoint at 2 and at the end.
+Each process decodes and scores only its own rows; the rewards and every logged mean equal a
 one-process run (4 devices, the same mesh) fed the same global prompt batches; a second
 two-process job started from the step-2 checkpoint ends bitwise equal to the
-uninterrupted one at step 4."""
+uninterrupted one at step 3."""
 
 import json
 import os
@@ -19,7 +19,7 @@ from configs import sft as sft_config
 from tests import factories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROCESSES, STEPS, PROMPTS, GROUP = 2, 4, 4, 4
+PROCESSES, STEPS, PROMPTS, GROUP = 2, 3, 4, 4
 TIMEOUT_S = 900
 
 # Runs launch.train, counting the completions this process decodes. With ATLAS_TWO_SHARDS=1

@@ -44,6 +44,24 @@ def _rewards(workdir):
 STEPS, RESUME_AT = 16, 2
 
 
+def test_two_steps_log_the_update_and_the_dilution_diagnostic(tmp_path):
+  """The RL loop's fast-tier check: two steps run, and each logs the reward, its parts and
+  the gradient-dilution diagnostic (functional rows vs the others). (Before the module's
+  -O1 fixture, which stays on until the module ends: two steps compile faster at -O0.)"""
+  c = _config(str(tmp_path), **{"train.steps": 2, "checkpoint.every": 2,
+                                "rl.max_new_tokens": 16, "train.logprob_chunk": 16,
+                                "rl.group_size": 4})
+  state, last, _ = train_rl(c, str(tmp_path / "run"))
+  assert int(state.step) == 2
+  with open(os.path.join(str(tmp_path / "run"), "metrics.jsonl")) as f:
+    rows = [json.loads(l) for l in f if '"prefix": "rl"' in l]
+  assert [r["step"] for r in rows] == [1, 2]
+  for key in ("reward", "reward_functional", "loss", "grad_norm", "dilution_ratio",
+              "functional_row_grad_norm", "other_row_grad_norm_mean"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert all(r["other_row_grad_norm_mean"] > 0 for r in rows)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   """One uninterrupted 16-step run, a checkpoint every 2 steps (all kept): the learning check
@@ -52,8 +70,9 @@ def straight(tmp_path_factory):
   workdir = os.path.join(tmp, "run")
   c = _config(tmp, **{"train.steps": STEPS, "checkpoint.every": RESUME_AT,
                       "checkpoint.keep": STEPS // RESUME_AT})
-  train_rl(c, workdir)
-  return tmp, workdir
+  with factories.optimized_compiles():  # also for the resume check: the same executables
+    train_rl(c, workdir)
+    yield tmp, workdir
 
 
 @pytest.mark.slow
@@ -81,20 +100,3 @@ def test_rl_resume_is_exact(straight, tmp_path):
   assert int(resumed.step) == end
   factories.assert_saved_states_equal(workdir, resumed_dir, end)
   assert _rewards(resumed_dir) == _rewards(workdir)[RESUME_AT:end]
-
-
-def test_two_steps_log_the_update_and_the_dilution_diagnostic(tmp_path):
-  """The RL loop's fast-tier check: two steps run, and each logs the reward, its parts and
-  the gradient-dilution diagnostic (functional rows vs the others)."""
-  c = _config(str(tmp_path), **{"train.steps": 2, "checkpoint.every": 2,
-                                "rl.max_new_tokens": 16, "train.logprob_chunk": 16,
-                                "rl.group_size": 4})
-  state, last, _ = train_rl(c, str(tmp_path / "run"))
-  assert int(state.step) == 2
-  with open(os.path.join(str(tmp_path / "run"), "metrics.jsonl")) as f:
-    rows = [json.loads(l) for l in f if '"prefix": "rl"' in l]
-  assert [r["step"] for r in rows] == [1, 2]
-  for key in ("reward", "reward_functional", "loss", "grad_norm", "dilution_ratio",
-              "functional_row_grad_norm", "other_row_grad_norm_mean"):
-    assert all(np.isfinite(r[key]) for r in rows), key
-  assert all(r["other_row_grad_norm_mean"] > 0 for r in rows)

@@ -41,13 +41,14 @@ RESUME_AT = LEARN_STEPS // EVERY * EVERY  # 76: the last periodic checkpoint bef
 def learned(tmp_path_factory):
   """One 80-step run on the suite, an (asynchronous) checkpoint every 38 steps and at the
   end, the last two kept (step 38's is removed): the learning check reads its metrics, the
-  resume check restarts from step 76."""
+  resume check restarts from step 76. Steps compiled at -O1 (80 of them)."""
   tmp = str(tmp_path_factory.mktemp("sft_learn"))
   c = _config(tmp, **{"train.steps": LEARN_STEPS, "train.log_every": 10,
                       "data.synthetic_per_family": 40, "data.batch_size": 8,
                       "checkpoint.every": EVERY, "checkpoint.async_save": True})
-  train_sft(c, os.path.join(tmp, "run"))
-  return tmp, c
+  with factories.optimized_compiles():  # also for the resume check: the same executables
+    train_sft(c, os.path.join(tmp, "run"))
+    yield tmp, c
 
 
 @pytest.mark.slow
