@@ -1,5 +1,6 @@
 """`python -m launch.bench` end to end at the smoke size: both sides run on one saved
-checkpoint, greedy tokens agree, and every step's row and the decode timing are printed."""
+checkpoint, greedy tokens agree, and every step's row, the rollout's floor and ceiling and
+the decode timing are printed."""
 
 import os
 import subprocess
@@ -25,4 +26,9 @@ def test_bench_runs_both_sides_and_prints_every_row(tmp_path):
   for step in ("rollout (new tok/s)", "SFT step (tok/s)", "LA-GRPO update (tok/s)"):
     assert f"| tiny | {step} |" in out, step
   assert "S=    40:" in out and "rollout floor here" in out
+  assert "rollout ceiling with XLA:CPU's dot kernels" in out
+  # The training rows give atlas_jax's, transformers' and the goal's fraction of peak.
+  for step in ("SFT step (tok/s)", "LA-GRPO update (tok/s)"):
+    row = next(line for line in out.splitlines() if f"| tiny | {step} |" in line)
+    assert row.rstrip(" |").endswith("%") and row.count("%") == 3, row
   assert os.path.exists(os.path.join(tmp_path, "tiny", "config.json"))
