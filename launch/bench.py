@@ -155,11 +155,21 @@ def stream_bandwidth() -> float:
   return x.size * 4 / t / 1e9
 
 
+def _text_layer_shapes(t) -> list[tuple[int, int]]:
+  """[in, out] of one text decoder layer's matmul weights: q, k, v, o, gate, up, down."""
+  d, q, kv, f = (t.hidden_size, t.num_attention_heads * t.head_dim,
+                 t.num_key_value_heads * t.head_dim, t.intermediate_size)
+  return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
 def _text_layer_weights(t) -> int:
   """Matmul weights of one text decoder layer: q, k, v, o and the SwiGLU MLP."""
-  return (t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
-          + t.num_attention_heads * t.head_dim * t.hidden_size
-          + 3 * t.hidden_size * t.intermediate_size)
+  return sum(a * b for a, b in _text_layer_shapes(t))
+
+
+def _decode_weights(t) -> int:
+  """Weights a decode step reads once per token: every text layer's and the LM head."""
+  return t.num_hidden_layers * _text_layer_weights(t) + t.hidden_size * t.vocab_size
 
 
 def rollout_floor(config, rows: int, prompt: int, new: int, patches: int, peak: float,
@@ -167,7 +177,7 @@ def rollout_floor(config, rows: int, prompt: int, new: int, patches: int, peak: 
   """(prefill s, ms per decode step, total s): the prefill's FLOPs at `peak` GFLOP/s, then
   per token the text weights, the LM head and the average KV cache read at `bandwidth`."""
   t = config.text
-  weights = t.num_hidden_layers * _text_layer_weights(t) + t.hidden_size * t.vocab_size
+  weights = _decode_weights(t)
   cache = (2 * t.num_hidden_layers * rows * t.num_key_value_heads * t.head_dim
            * (prompt + new / 2))
   step = 4 * (weights + cache) / (bandwidth * 1e9)
@@ -183,9 +193,8 @@ def weights_only_step(config, rows: int, repeats: int) -> float:
   import jax
   import jax.numpy as jnp
   t = config.text
-  d, q, kv, f = (t.hidden_size, t.num_attention_heads * t.head_dim,
-                 t.num_key_value_heads * t.head_dim, t.intermediate_size)
-  shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+  shapes = _text_layer_shapes(t)
+  (d, q), (_, kv) = shapes[:2]
   keys = iter(jax.random.split(jax.random.key(0), t.num_hidden_layers * len(shapes) + 1))
   weight = lambda shape: jax.random.normal(next(keys), shape, jnp.float32) / shape[0] ** 0.5
   layers = [[weight(shape) for shape in shapes] for _ in range(t.num_hidden_layers)]
@@ -309,8 +318,7 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
       batch["image_grid_thw"], key, sampler.allowed, settings=settings)), FLAGS.repeats)[1]
   products = weights_only_step(config, b, max(FLAGS.repeats, 5))
   ceiling = prefill_s + (n - 1) * products
-  weight_bytes = 4 * (config.text.num_hidden_layers * _text_layer_weights(config.text)
-                      + config.text.hidden_size * config.text.vocab_size)
+  weight_bytes = 4 * _decode_weights(config.text)
   print(f"rollout ceiling with XLA:CPU's dot kernels: prefill {prefill_s:.2f} s (measured) + "
         f"{n - 1} steps x {products * 1e3:.1f} ms (the step's weight products alone, "
         f"{weight_bytes / products / 1e9:.1f} GB/s) = {ceiling:.2f} s, i.e. at most "
