@@ -25,8 +25,11 @@ bytes: its layers carry the stacked KV cache, which XLA counts whole in the scan
 (and the unrolled module at every layer), so they are left as compiled, an upper bound
 dominated by the cache. The decode step's layers are unrolled already (per-layer caches):
 its counts are exact. The log-prob chunk loop (train.logprob_chunk) stays counted once;
-its missing LM-head FLOPs are added analytically. The decode step's counts are those of one generated token; its roofline time
-is that of rl.max_new_tokens tokens (every row generating to the end).
+its missing LM-head FLOPs are added analytically, and so are the splash attention kernels'
+(`splash_flops`; XLA counts a Pallas kernel as next to nothing; their bytes, a flash
+kernel's few reads of q, k and v, stay uncounted). The decode step's counts are those of
+one generated token; its roofline time is that of rl.max_new_tokens tokens (every row
+generating to the end).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 
 from atlas_jax import sharding
 from atlas_jax.model import abstract_params, from_size, layers
+from atlas_jax.model import attention as attention_lib
 from atlas_jax.rl import sampler as sampler_lib
 from atlas_jax.train import optimizer as optimizer_lib
 from atlas_jax.train import run as run_lib
@@ -160,6 +164,31 @@ def model_flops(config, step: str, *, rows: int, length: int, patches: int,
   forward = (2 * n_text * length - 2 * head + 2 * t.num_hidden_layers * t.num_attention_heads
              * t.head_dim * length**2 + 2 * n_vision * patches + vision_attention)
   return rows * forward * (1 if step in ("prefill", "old-logp") else 3)
+
+
+def splash_flops(config, step: str, *, rows: int, length: int, patches: int) -> float:
+  """FLOPs of one step's splash attention kernels, all chips. XLA counts a Pallas kernel
+  as next to nothing, so the roofline adds them: 2 x H per (query, key) pair a kernel
+  visits, per head and matmul. Matmuls: the forward's QK^T and PV (2); in a gradient step
+  also the backward's dK/dV kernel (QK^T, dO V^T, P^T dO, dS^T Q) and dQ kernel (QK^T,
+  dO V^T, dS K) (7), and the forward again under a remat policy that does not save the
+  attention output (2). The text is causal (the kernel visits the blocks on and below the
+  diagonal) except in the prefill and decode, which attend over a cache on the "xla"
+  path; the vision tower's windows are segment ids, so it visits every block."""
+  if step == "decode":
+    return 0.0
+  matmuls = 2
+  if step in ("sft", "la-grpo"):
+    matmuls += 7 + (2 if config.remat not in ("none", "attention_out") else 0)
+  t, v = config.text, config.vision
+  padded, block = attention_lib.splash_blocks(length)
+  diagonal = padded // block
+  text_pairs = block * block * diagonal * (diagonal + 1) // 2
+  text = 0 if step == "prefill" else (
+      t.num_hidden_layers * t.num_attention_heads * t.head_dim * text_pairs)
+  vision_pairs = attention_lib.splash_blocks(patches)[0] ** 2
+  vision = v.depth * v.num_heads * v.head_dim * vision_pairs
+  return 2.0 * matmuls * rows * (text + vision)
 
 
 @contextlib.contextmanager
@@ -307,6 +336,9 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     chunks = logit_length // min(chunk, logit_length)
     flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
               * config.text.hidden_size * config.text.vocab_size / n_devices)
+    if config.attention_impl == "splash":
+      flops += splash_flops(config, name, rows=rows, length=length,
+                            patches=d.max_patches) / n_devices
     # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
     seconds = tokens * max(flops / peak, nbytes / bandwidth) if compiled is not None else 0.0
     analytic = model_flops(config, name, rows=rows, length=length, patches=d.max_patches,

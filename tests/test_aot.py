@@ -139,3 +139,29 @@ def test_slice_sizes_flops_and_fsdp_state_without_compiling():
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings))
   # Replicated params + Adam moments versus (about) a quarter of them.
   assert per_chip["fsdp"] < 0.5 * per_chip["data"]
+
+
+def test_splash_flops_count_the_blocks_the_kernel_visits():
+  """XLA counts a Pallas kernel as next to nothing; the roofline adds the splash kernels'
+  FLOPs (fast tier): causal text visits the blocks on and below the diagonal, the vision
+  tower every block, and a gradient step runs 9 matmuls (11 when remat recomputes the
+  forward) where a forward runs 2."""
+  import numpy as np
+  from atlas_jax import aot
+  from atlas_jax.model import from_size
+  config = from_size("tiny")
+  t, v = config.text, config.vision
+  length, patches, rows = 1000, 60, 3  # padded to 1024 (blocks of 512) and 128 (one block)
+  position = np.arange(1024)
+  visited = int(np.sum(position[:, None] // 512 >= position[None, :] // 512))
+  assert length * (length + 1) // 2 < visited < 1024 * 1024
+  text = t.num_hidden_layers * t.num_attention_heads * t.head_dim * visited
+  vision = v.depth * v.num_heads * v.head_dim * 128 * 128
+  count = lambda step, remat: aot.splash_flops(config.replace(remat=remat), step, rows=rows,
+                                               length=length, patches=patches)
+  assert count("old-logp", "full") == 2 * 2 * rows * (text + vision)
+  assert count("prefill", "full") == 2 * 2 * rows * vision  # text attends over a cache
+  assert count("decode", "full") == 0
+  for step in ("sft", "la-grpo"):
+    assert count(step, "full") == 2 * 11 * rows * (text + vision)
+    assert count(step, "none") == count(step, "attention_out") == 2 * 9 * rows * (text + vision)

@@ -94,6 +94,13 @@ def _splash_kernel(groups: int, t: int, s: int, causal: bool, interpret: bool, b
       splash.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret)
 
 
+def splash_blocks(t: int) -> tuple[int, int]:
+  """(padded length, block) of the splash kernel for length t: it tiles by 128, or by 512
+  when the padded length allows."""
+  tp = -(-t // 128) * 128
+  return tp, 512 if tp % 512 == 0 else 128
+
+
 def _splash(q, k, v, mask, *, interpret=False):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   if not isinstance(mask, Mask) or mask.segment_ids is None:
@@ -105,10 +112,8 @@ def _splash(q, k, v, mask, *, interpret=False):
     raise ValueError(f"attention_impl 'splash' needs query length == key length; got T={t}, "
                      f"S={s}")
   g = n // kv
-  # The kernel tiles by 128 (512 when the length allows): pad to a multiple, the padding
-  # in a segment of its own, and drop it after.
-  tp = -(-t // 128) * 128
-  block = 512 if tp % 512 == 0 else 128
+  # Pad to the kernel's tiling, the padding in a segment of its own, and drop it after.
+  tp, block = splash_blocks(t)
   kernel = _splash_kernel(g, tp, tp, mask.causal, interpret, block)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
   q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv, g, h)
