@@ -15,6 +15,9 @@ import tempfile
 from tests import factories  # numpy only: nothing has read XLA_FLAGS yet
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (the AOT tests' TPU topologies) takes a machine-wide lock by default: another
+# process using it (an AOT report, a second suite) would fail the suite's AOT tests.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("XLA_FLAGS", factories.xla_flags())
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = os.environ.get("ATLAS_TEST_JAX_CACHE")
