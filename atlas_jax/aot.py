@@ -18,9 +18,10 @@ optim.grad_accum rows of data.max_length + rl.max_new_tokens tokens, the length
 
 Roofline: time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per chip, and
 MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body of a
-while loop once, and the decoder and vision layers are scanned: the compiled counts are
-corrected by the ratio of the unoptimised counts of the same step lowered twice, once as
-compiled and once with the layer scans unrolled (`_unrolled_layers`), except the prefill's
+while loop once, and the decoder and vision layers are scanned (and the "xla" attention's
+query chunks mapped): the compiled counts are corrected by the ratio of the unoptimised
+counts of the same step lowered twice, once as compiled and once with the layer scans and
+the chunk map unrolled (`_unrolled_layers`), except the prefill's
 bytes: its layers carry the stacked KV cache, which XLA counts whole in the scanned body
 (and the unrolled module at every layer), so they are left as compiled, an upper bound
 dominated by the cache. The decode step's layers are unrolled already (per-layer caches):
@@ -191,21 +192,29 @@ def splash_flops(config, step: str, *, rows: int, length: int, patches: int) -> 
   return 2.0 * matmuls * rows * (text + vision)
 
 
+def _unrolled_chunks(body, xs):
+  """`attention.map_chunks` as a Python loop: every query chunk in the graph."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  outs = [body(jax.tree.map(lambda x, i=i: x[i], xs)) for i in range(n)]
+  return jax.tree.map(lambda *x: jnp.stack(x), *outs)
+
+
 @contextlib.contextmanager
 def _unrolled_layers():
-  """`layers.scan_layers` emitting every layer (nn.scan unroll=length), for cost counts."""
-  scan = layers.scan_layers
+  """`layers.scan_layers` emitting every layer (nn.scan unroll=length) and the attention's
+  query chunks unrolled, for cost counts."""
+  scan, chunks = layers.scan_layers, attention_lib.map_chunks
 
   def unrolled(block_cls, length, in_axes):
     import flax.linen as nn
     return nn.scan(block_cls, variable_axes={"params": 0, layers.ATTENTION_COLLECTION: 0},
                    split_rngs={"params": True}, in_axes=in_axes, length=length, unroll=length,
                    metadata_params={nn.PARTITION_NAME: "layers"})
-  layers.scan_layers = unrolled
+  layers.scan_layers, attention_lib.map_chunks = unrolled, _unrolled_chunks
   try:
     yield
   finally:
-    layers.scan_layers = scan
+    layers.scan_layers, attention_lib.map_chunks = scan, chunks
 
 
 def _costs(cost) -> tuple[float, float]:

@@ -165,3 +165,21 @@ def test_splash_flops_count_the_blocks_the_kernel_visits():
   for step in ("sft", "la-grpo"):
     assert count(step, "full") == 2 * 11 * rows * (text + vision)
     assert count(step, "none") == count(step, "attention_out") == 2 * 9 * rows * (text + vision)
+
+
+def test_the_cost_pass_counts_every_attention_chunk():
+  """XLA counts a loop's body once: the chunked "xla" attention (a map over query chunks)
+  counts as one chunk unless the cost pass unrolls it, as it unrolls the layer scans."""
+  import jax
+  import jax.numpy as jnp
+  from atlas_jax import aot
+  from atlas_jax.model import attention
+  q, kv = jnp.ones((1, 256, 4, 16)), jnp.ones((1, 256, 2, 16))
+  flops = lambda chunk: aot._unoptimised_costs(jax.jit(
+      lambda q, k, v: attention.attention(q, k, v, None, chunk=chunk)).lower(q, kv, kv))[0]
+  whole, looped = flops(0), flops(64)
+  with aot._unrolled_layers():
+    unrolled = flops(64)
+  assert looped < 0.5 * whole
+  assert unrolled == pytest.approx(whole, rel=0.05)
+  assert attention.map_chunks is not aot._unrolled_chunks  # restored

@@ -146,6 +146,12 @@ def _one_block(q, k, v, mask, impl: str, return_probs: bool = False):
   return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
 
 
+def map_chunks(body, xs):
+  """`jax.lax.map` over the query chunks (a module attribute so that the AOT report's cost
+  pass can unroll it: XLA counts a loop's body once)."""
+  return jax.lax.map(body, xs)
+
+
 def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "xla", *,
               return_probs: bool = False):
   """Softmax attention with grouped kv heads; logits and softmax in fp32.
@@ -173,7 +179,7 @@ def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "x
   blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
   # qm[1] None: no mask
   body = jax.checkpoint(lambda qm: _xla(qm[0], k, v, qm[1], return_probs))
-  out = jax.lax.map(body, (blocks(q), None if dense is None else blocks(dense)))
+  out = map_chunks(body, (blocks(q), None if dense is None else blocks(dense)))
   if not return_probs:
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
   out, probs = out  # probs [n, B, N, chunk, S]
