@@ -125,9 +125,9 @@ def default_rl():
 
 
 def model_config(c):
-  """The ModelConfig `setup.load_model` builds for a recipe without weights (tiny's vocab is
-  not refitted to a tokenizer here)."""
-  return from_size(c.model.size, **setup.runtime_options(c))
+  """The ModelConfig `setup.load_model` builds for a recipe on TPU, without weights (tiny's
+  vocab is not refitted to a tokenizer here)."""
+  return from_size(c.model.size, **setup.runtime_options(c, "tpu"))
 
 
 def param_counts(config) -> tuple[int, int]:

@@ -21,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; master params are always float32
   c.model.remat = "none"     # none | full | dots | dots_no_batch | attention_out
   c.model.attention_chunk = 0  # >0: decoder attention over this many queries at a time
-  c.model.attention_impl = "xla"  # xla (einsums) | cudnn (GPU, bf16) | splash (TPU Pallas)
+  # xla (einsums) | cudnn (GPU, bf16) | splash (TPU Pallas) | auto (splash on TPU, else xla)
+  c.model.attention_impl = "xla"
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""      # local HF tokenizer dir; empty: hf_path, else build the tiny BPE

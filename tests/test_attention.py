@@ -100,6 +100,20 @@ def test_cudnn_dispatch_matches_xla_on_cpu():
     dataclasses.replace(factories.tiny_model_config(), attention_impl="flash")
 
 
+def test_auto_attention_is_splash_on_tpu_and_the_einsums_elsewhere():
+  from atlas_jax.train import setup
+  from configs import sft
+  c = sft.get_config("qwen2.5-vl-7b")
+  chosen = lambda platform: setup.runtime_options(c, platform)["attention_impl"]
+  assert c.model.attention_impl == "auto"  # the published recipes
+  assert (chosen("tpu"), chosen("gpu"), chosen("cpu")) == ("splash", "xla", "xla")
+  c.model.attention_impl = "cudnn"  # an explicit choice is kept
+  assert chosen("gpu") == chosen("tpu") == "cudnn"
+  c.model.attention_impl = "flash"  # refused before any work, naming the field
+  with pytest.raises(ValueError, match="config.model.attention_impl 'flash'"):
+    setup.validate_config(c)
+
+
 def test_splash_interpret_matches_xla_causal_padding_gqa():
   q, k, v, am = _padded_inputs()
   mask = vlm.text_mask(am)

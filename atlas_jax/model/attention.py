@@ -9,6 +9,8 @@ heads per kv head (N = K*G), H head dim, Q = G*T (a kv head's queries, flattened
 * "splash": Pallas splash attention (TPU): causal and/or segment masks built inside the
   kernel from `Mask.segment_ids`, GQA as one multi-query kernel per kv head.
 
+A config may say "auto" (`for_platform`): splash on TPU, the einsums elsewhere.
+
 The mask is either a dense bool[B, T, S] (True = may attend) or a `Mask`, which carries
 the dense form and, when the caller knows it, its structure (segment ids, causality) that
 the kernels need. Decode (T = 1 against a cache) always takes the "xla" path: one query
@@ -26,6 +28,16 @@ import jax.numpy as jnp
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+CHOICES = IMPLEMENTATIONS + ("auto",)  # config.model.attention_impl
+
+
+def for_platform(impl: str, platform: str) -> str:
+  """config.model.attention_impl as run on `platform` (a jax device's platform name):
+  "auto" is splash on TPU and the einsums elsewhere (cuDNN stays an explicit choice: it
+  needs bf16 or fp16); any other value is kept as given."""
+  if impl != "auto":
+    return impl
+  return "splash" if platform == "tpu" else "xla"
 
 
 @flax.struct.dataclass

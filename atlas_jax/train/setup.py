@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 
 from atlas_jax import functional_tokens, hf, sharding
 from atlas_jax.model import SIZES, ModelConfig, from_size, init_params
+from atlas_jax.model import attention
 
 RECIPES = ("sft", "rl", "demo")
 
@@ -47,6 +48,9 @@ def validate_config(c) -> None:
   if any(b % min(chunk, b) for b in buckets):
     raise ValueError(f"config.train.logprob_chunk {chunk} must divide every length bucket "
                      f"{buckets}")
+  impl = c.model.get("attention_impl", "xla")
+  if impl not in attention.CHOICES:
+    raise ValueError(f"config.model.attention_impl {impl!r} is not one of {attention.CHOICES}")
   if c.data.max_patches % 4:
     raise ValueError(f"config.data.max_patches {c.data.max_patches} must be a multiple of 4")
   if c.data.max_pixels // 196 > c.data.max_patches * max(c.data.max_images, 1):
@@ -176,17 +180,19 @@ def load_tokenizer(c, workdir: str):
                          lambda: read() if os.path.isfile(saved) else build_tokenizer(out), read)
 
 
-def runtime_options(c) -> dict:
+def runtime_options(c, platform: str) -> dict:
   """The ModelConfig fields config.model sets on top of the architecture (from_size's
-  keyword arguments)."""
+  keyword arguments), for devices of `platform` ("tpu", "gpu", "cpu": what "auto"
+  attention resolves by)."""
   return dict(dtype=c.model.dtype, remat=c.model.remat,
               attention_chunk=c.model.attention_chunk,
-              attention_impl=c.model.get("attention_impl", "xla"))
+              attention_impl=attention.for_platform(c.model.get("attention_impl", "xla"),
+                                                    platform))
 
 
 def load_model(c, tokenizer, mesh):
   """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
-  runtime = runtime_options(c)
+  runtime = runtime_options(c, mesh.devices.flat[0].platform)
   if c.model.init_checkpoint:
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
