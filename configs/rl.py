@@ -20,7 +20,8 @@ UPDATES = 500
 # --topology=<slice>` (README, "Memory at scale"): mesh.tensor (fsdp takes the rest) and the
 # Adam moments' dtype. Each update takes rl.prompts_per_step x rl.group_size = 512
 # rollouts in micro-batches of one row per data x fsdp batch shard (optim.grad_accum of
-# them); remat=full and attention_chunk=1024 for all.
+# them); remat=full, attention "auto" (splash on TPU) and attention_chunk=1024 (the einsum
+# path's, elsewhere) for all.
 # The sampler encodes every prompt's image at once (rl.prompts_per_step of them), and the
 # vision tower's attention holds [heads, patches, patches] per image: on 16 GiB v5e chips
 # images are capped at 2,048 patches (512 merged tokens, data.max_pixels 28*28*512); at
@@ -54,6 +55,7 @@ def get_config(arg: str = "tiny"):
     fits = FITS.get(arg, FITS["qwen2.5-vl-7b"])
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.attention_impl = "auto"  # splash on TPU, the einsums (chunked) elsewhere
     c.model.attention_chunk = 1024
     c.mesh.tensor = fits["tensor"]
     c.optim.moments_dtype = fits["moments"]

@@ -20,7 +20,8 @@ UPDATES = 2000
 # README's AOT table), by `python -m launch.aot_report --config=configs/sft.py:<size>
 # --topology=<slice>` (README, "Memory at scale"): mesh.tensor (fsdp takes the rest), the
 # micro-batch (one row per data x fsdp batch shard) and the Adam moments' dtype.
-# remat=full and attention_chunk=1024 for all.
+# remat=full, attention "auto" (splash on TPU) and attention_chunk=1024 (the einsum path's,
+# elsewhere) for all.
 FITS = {
     "qwen2.5-vl-3b": dict(slice="v5e:2x4", tensor=2, batch_size=4, moments="float32"),
     "qwen2.5-vl-7b": dict(slice="v5e:4x4", tensor=4, batch_size=4, moments="float32"),
@@ -44,6 +45,7 @@ def get_config(arg: str = "tiny"):
     fits = FITS.get(arg, FITS["qwen2.5-vl-7b"])
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    c.model.attention_impl = "auto"  # splash on TPU, the einsums (chunked) elsewhere
     c.model.attention_chunk = 1024
     c.mesh.tensor = fits["tensor"]
     c.optim.lr = 1e-5
