@@ -477,22 +477,26 @@ def compile_steps(size: str, topology: str, *, steps=("sft", "la-grpo", "sampler
 
 
 def format_table(reports: list[Report]) -> str:
-  head = (f"{'size':<15}{'slice':<10}{'step':<9}{'mesh':<19}{'rows':>5}{'len':>6}{'args':>7}"
+  head = (f"{'size':<15}{'slice':<10}{'step':<9}{'attn':<7}{'mesh':<19}{'rows':>5}{'len':>6}"
+          f"{'args':>7}"
           f"{'temp':>7}{'total':>7}{'HBM':>5}{'fits':>5}{'TFLOP':>8}{'step s':>8}"
           f"{'MFU':>6}{'compile':>9}")
   lines = [head, "-" * len(head)]
   for r in reports:
-    lines.append(f"{r.size:<15}{r.topology:<10}{r.step:<9}{r.mesh:<19}{r.rows:>5}{r.length:>6}"
+    lines.append(f"{r.size:<15}{r.topology:<10}{r.step:<9}{r.attention:<7}{r.mesh:<19}"
+                 f"{r.rows:>5}{r.length:>6}"
                  f"{r.argument_gib:>7.2f}{r.temp_gib:>7.2f}{r.total_gib:>7.2f}"
                  f"{r.hbm_gib:>5.0f}{'yes' if r.fits else 'NO':>5}{r.model_tflops:>8.1f}"
                  + (f"{r.roofline_s:>8.3f}{r.mfu:>6.0%}" if r.compiled else f"{'-':>8}{'-':>6}")
                  + f"{r.compile_s:>8.1f}s")
-  lines.append("rows x len: sequences x tokens per compiled step (sft, la-grpo: one "
+  lines.append("attn: the attention implementation (model.attention_impl as resolved for "
+               "TPU). rows x len: sequences x tokens per compiled step (sft, la-grpo: one "
                "micro-batch, optim.grad_accum per update; decode: prompts x group size, "
                "len = prompt). GiB per chip: args = params + optimizer state + batch, "
                "temp = activations and scratch, total = args + temp + outputs - donated.")
   lines.append("TFLOP: analytic model FLOPs per chip (no remat). step s: roofline "
                "max(XLA FLOPs / peak, XLA bytes / HBM bandwidth), counts corrected for "
-               "scanned layers (prefill: bytes as compiled, an upper bound; decode: "
-               "all new tokens); MFU = TFLOP / (step s x peak); '-': rejected for HBM.")
+               "scanned layers and chunk loops, splash kernels' FLOPs added (prefill: bytes "
+               "as compiled, an upper bound; decode: all new tokens); MFU = TFLOP / (step s "
+               "x peak); '-': rejected for HBM.")
   return "\n".join(lines)
