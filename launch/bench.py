@@ -51,7 +51,8 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (the median is re
 flags.DEFINE_list("steps", ["rollout", "sft", "la-grpo"], "What to time.")
 flags.DEFINE_list("decode_lengths", [], "Also time atlas_jax decode ms/token at these cache "
                   "lengths (prompt + new tokens), e.g. 128,512,2048.")
-flags.DEFINE_string("attention_impl", "xla", "atlas_jax model.attention_impl.")
+flags.DEFINE_string("attention_impl", "xla", "atlas_jax model.attention_impl (auto: by "
+                    "the device's platform).")
 flags.DEFINE_string("remat", "none", "atlas_jax model.remat.")
 flags.DEFINE_string("hf_dir", "", "Where to save the HF models (default: a temp dir).")
 
@@ -415,9 +416,13 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
 
 
 def _impl_kwargs(config) -> dict:
+  import jax
+
+  from atlas_jax.model import attention
   if FLAGS.attention_impl == "xla" and not hasattr(config, "attention_impl"):
     return {}
-  return dict(attention_impl=FLAGS.attention_impl)
+  return dict(attention_impl=attention.for_platform(FLAGS.attention_impl,
+                                                    jax.devices()[0].platform))
 
 
 def decode_vs_length(config, params, batch, lengths):
