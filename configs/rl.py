@@ -22,15 +22,17 @@ UPDATES = 500
 # rollouts in micro-batches of one row per data x fsdp batch shard (optim.grad_accum of
 # them); remat=full, attention "auto" (splash on TPU) and attention_chunk=1024 (the einsum
 # path's, elsewhere) for all.
-# The sampler encodes every prompt's image at once (rl.prompts_per_step of them), and the
-# vision tower's attention holds [heads, patches, patches] per image: on 16 GiB v5e chips
-# images are capped at 2,048 patches (512 merged tokens, data.max_pixels 28*28*512); at
-# 5,120 the 7B prefill needs 22.7 GiB per chip on v5e:4x4.
+# The sampler encodes every prompt's image at once (rl.prompts_per_step of them); with the
+# splash kernels the vision tower never holds [heads, patches, patches], so every size takes
+# images of up to 5,120 patches (1,280 merged tokens). With the einsum attention the 7B
+# prefill needed 22.7 GiB per chip at 5,120 patches on v5e:4x4, and 3B and 7B were capped
+# at 2,048 there (--config.model.attention_impl=xla needs --config.data.max_patches=2048
+# --config.data.max_pixels=401408 on v5e).
 FITS = {  # batch_shards: data x fsdp on that slice = chips / tensor
     "qwen2.5-vl-3b": dict(slice="v5e:2x4", tensor=2, batch_shards=4, moments="float32",
-                          patches=2048),
+                          patches=5120),
     "qwen2.5-vl-7b": dict(slice="v5e:4x4", tensor=4, batch_shards=4, moments="float32",
-                          patches=2048),
+                          patches=5120),
     # 32B: on v5p:2x2x2 (2 batch shards) the decode needs 179 GiB per chip.
     "qwen2.5-vl-32b": dict(slice="v5p:2x2x4", tensor=4, batch_shards=4, moments="bfloat16",
                            patches=5120),
