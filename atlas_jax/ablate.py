@@ -29,14 +29,15 @@ import time
 import jax
 import numpy as np
 
+from atlas_jax import config as config_lib
 from atlas_jax import demo
-from atlas_jax.data import pipeline
+from atlas_jax.config import VARIANTS
 from atlas_jax.rl import loop as rl_loop
 from atlas_jax.rl import rewards as rewards_lib
-from atlas_jax.train import loop as sft_loop
-from atlas_jax.train import plots
+from atlas_jax.run import plots
+from atlas_jax.run.steps import StepCache
+from atlas_jax.sft import loop as sft_loop
 
-VARIANTS = ("grpo", "la_grpo_pg", "la_grpo_nll_pos")
 _ANCHORS = {"grpo": "pg", "la_grpo_pg": "pg", "la_grpo_nll_pos": "nll_pos"}
 # Reward components in the table: every registered reward except accuracy (its own column).
 COMPONENTS = tuple(sorted(k for k in rewards_lib.REWARDS if k != "accuracy"))
@@ -55,21 +56,6 @@ def variant_settings(name: str, alpha: float) -> dict:
   return {"alpha": 0.0 if name == "grpo" else float(alpha), "anchor": _ANCHORS[name]}
 
 
-def validate(c) -> None:
-  """Stops before any work when the ablate group is unusable."""
-  a = c.ablate
-  seeds, variants = tuple(a.seeds), tuple(a.variants)
-  if not seeds or len(set(seeds)) != len(seeds) or not all(isinstance(s, int) for s in seeds):
-    raise ValueError(f"config.ablate.seeds {seeds} must be distinct integers, at least one")
-  if not variants or len(set(variants)) != len(variants):
-    raise ValueError(f"config.ablate.variants {variants} must be distinct names from {VARIANTS}")
-  for v in variants:
-    variant_settings(v, a.alpha)
-  if not a.alpha > 0:
-    raise ValueError(f"config.ablate.alpha {a.alpha} must be > 0 (the LA-GRPO variants' anchor "
-                     "weight; grpo is alpha 0)")
-
-
 def run_dir(workdir: str, variant: str, seed: int) -> str:
   return os.path.join(workdir, "rl", variant, f"seed{seed}")
 
@@ -84,11 +70,6 @@ def rl_run_config(c, workdir: str, variant: str, seed: int):
     s.rl.alpha = settings["alpha"]
     s.rl.anchor = settings["anchor"]
   return s
-
-
-def _evaluate(run, params, c) -> dict:
-  source = pipeline.open_source(run.data_report, "test")
-  return rl_loop.evaluate(run, params, source, c.rl, c.rl.reward, max_prompts=c.rl.eval_prompts)
 
 
 def _read_json(path: str):
@@ -117,7 +98,7 @@ def _settings(s, **extra) -> dict:
               anchor=s.rl.anchor, **extra)
 
 
-def _run_sft(c, workdir: str) -> dict:
+def _run_sft(c, workdir: str, cache: StepCache) -> dict:
   out = os.path.join(workdir, "sft")
   s = demo.stage_config(c, "sft", workdir)
   path = os.path.join(out, "result.json")
@@ -129,8 +110,8 @@ def _run_sft(c, workdir: str) -> dict:
     return done
   print(f"[ablate] SFT: {s.train.steps} steps at lr {s.optim.lr:g} -> {out}", flush=True)
   t0 = time.time()
-  state, _, run = sft_loop.train_sft(s, out)
-  result = {"settings": settings, "eval": _evaluate(run, state.params, c),
+  state, _, run = sft_loop.train_sft(s, out, cache=cache)
+  result = {"settings": settings, "eval": rl_loop.evaluate_held_out(run, state.params, c),
             "seconds": time.time() - t0}
   print(f"[ablate] SFT: held-out accuracy {result['eval']['accuracy']:.3f} "
         f"({result['seconds']:.0f}s)", flush=True)
@@ -144,7 +125,7 @@ def _curves(directory: str) -> dict:
   return {k: list(series[f"rl/{k}"]) for k in _CURVES if f"rl/{k}" in series}
 
 
-def _run_rl(c, workdir: str, variant: str, seed: int, label: str) -> dict:
+def _run_rl(c, workdir: str, variant: str, seed: int, label: str, cache: StepCache) -> dict:
   out = run_dir(workdir, variant, seed)
   s = rl_run_config(c, workdir, variant, seed)
   path = os.path.join(out, "result.json")
@@ -157,8 +138,8 @@ def _run_rl(c, workdir: str, variant: str, seed: int, label: str) -> dict:
   print(f"[ablate] {label}: RL {variant} (alpha {s.rl.alpha:g}, anchor {s.rl.anchor}) seed "
         f"{seed}, {s.train.steps} steps -> {out}", flush=True)
   t0 = time.time()
-  state, _, run = rl_loop.train_rl(s, out)
-  evaluation = _evaluate(run, state.params, c)
+  state, _, run = rl_loop.train_rl(s, out, cache=cache)
+  evaluation = rl_loop.evaluate_held_out(run, state.params, c)
   curves = _curves(out)
   dilution = curves.get("dilution_ratio", ([], []))[1]
   result = {"settings": settings, "eval": evaluation, "curves": curves,
@@ -276,17 +257,18 @@ def run_ablation(c, workdir: str) -> dict:
   """The whole ablation (or what a previous call left unfinished). Returns what
   ablation.json holds: seeds, variants' settings, sft, runs {variant: [per seed]}, summary,
   table, wall_seconds (this call) and run_seconds (sum over the runs, skipped ones too)."""
-  validate(c)
+  config_lib.validate(c)
   t0 = time.time()
+  cache = StepCache()  # every variant's runs share their steps
   os.makedirs(workdir, exist_ok=True)
   seeds, variants = tuple(c.ablate.seeds), tuple(c.ablate.variants)
-  sft = _run_sft(c, workdir)
+  sft = _run_sft(c, workdir, cache)
   runs: dict[str, list[dict]] = {v: [] for v in variants}
   total = len(seeds) * len(variants)
   for i, seed in enumerate(seeds):
     for j, variant in enumerate(variants):
       label = f"run {i * len(variants) + j + 1}/{total}"
-      runs[variant].append(_run_rl(c, workdir, variant, seed, label))
+      runs[variant].append(_run_rl(c, workdir, variant, seed, label, cache))
   summary = summarize(runs)
   settings = {v: variant_settings(v, c.ablate.alpha) for v in variants}
   run_seconds = sft["seconds"] + sum(r["seconds"] for rs in runs.values() for r in rs)

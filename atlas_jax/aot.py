@@ -2,8 +2,8 @@
 
 libtpu (the `tpu` extra) lets `jax.experimental.topologies` describe a slice such as
 "v5e:4x4" on any machine. `compile_recipe(c, topology)` builds, from a recipe config, the
-very step functions `launch.train` runs (`atlas_jax.train.steps`, `rl.sampler`'s jitted
-prefill and decode), lowers them with abstract, sharded arguments (abstract params, the
+very step functions `launch.train` runs (`sft.update.sft_step_fn`, `rl.update`'s
+`old_logps_fn` and `rl_update_fn`, the sampler's jitted prefill and decode), lowers them with abstract, sharded arguments (abstract params, the
 recipe's optimizer state, batches shaped by its data config) over the recipe's mesh on
 that slice's devices, and compiles them; the executables report their per-chip memory,
 FLOPs and bytes accessed. Nothing is allocated.
@@ -21,7 +21,7 @@ MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body 
 while loop once, and the decoder and vision layers are scanned (and the "xla" attention's
 query chunks mapped): the compiled counts are corrected by the ratio of the unoptimised
 counts of the same step lowered twice, once as compiled and once with the layer scans and
-the chunk map unrolled (`_unrolled_layers`), except the prefill's
+the chunk map unrolled (`ModelConfig.unroll_loops`), except the prefill's
 bytes: its layers carry the stacked KV cache, which XLA counts whole in the scanned body
 (and the unrolled module at every layer), so they are left as compiled, an upper bound
 dominated by the cache. The decode step's layers are unrolled already (per-layer caches):
@@ -35,7 +35,6 @@ generating to the end).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -45,14 +44,16 @@ import time
 import jax
 import jax.numpy as jnp
 
+from atlas_jax import sampler as sampler_lib
 from atlas_jax import sharding
-from atlas_jax.model import abstract_params, from_size, layers
+from atlas_jax import config as config_lib
+from atlas_jax.config import base_config
+from atlas_jax.model import abstract_params, from_size
 from atlas_jax.model import attention as attention_lib
-from atlas_jax.rl import sampler as sampler_lib
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import run as run_lib
-from atlas_jax.train import setup
-from atlas_jax.train import steps as steps_lib
+from atlas_jax.rl.update import old_logps_fn, rl_update_fn
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import setup
+from atlas_jax.sft.update import sft_step_fn
 
 GIB = 2**30
 # Per chip: HBM GiB, peak dense bf16 FLOP/s, HBM bytes/s. Published figures, Cloud TPU
@@ -64,7 +65,6 @@ CHIPS = {
     "v5p": (95, 459e12, 2765e9),
     "v6e": (32, 918e12, 1640e9),
 }
-HBM_GIB = {k: v[0] for k, v in CHIPS.items()}
 
 
 @dataclasses.dataclass
@@ -112,7 +112,6 @@ def chip_count(topology: str) -> int:
 
 def default_optim(total_steps: int = 1000):
   """The base config's optim group with a fixed schedule length (for launch.bench)."""
-  from configs.base import base_config
   optim = base_config().optim
   optim.total_steps = total_steps
   return optim
@@ -120,7 +119,6 @@ def default_optim(total_steps: int = 1000):
 
 def default_rl():
   """The base config's rl group."""
-  from configs.base import base_config
   return base_config().rl
 
 
@@ -192,31 +190,6 @@ def splash_flops(config, step: str, *, rows: int, length: int, patches: int) -> 
   return 2.0 * matmuls * rows * (text + vision)
 
 
-def _unrolled_chunks(body, xs):
-  """`attention.map_chunks` as a Python loop: every query chunk in the graph."""
-  n = jax.tree.leaves(xs)[0].shape[0]
-  outs = [body(jax.tree.map(lambda x, i=i: x[i], xs)) for i in range(n)]
-  return jax.tree.map(lambda *x: jnp.stack(x), *outs)
-
-
-@contextlib.contextmanager
-def _unrolled_layers():
-  """`layers.scan_layers` emitting every layer (nn.scan unroll=length) and the attention's
-  query chunks unrolled, for cost counts."""
-  scan, chunks = layers.scan_layers, attention_lib.map_chunks
-
-  def unrolled(block_cls, length, in_axes):
-    import flax.linen as nn
-    return nn.scan(block_cls, variable_axes={"params": 0, layers.ATTENTION_COLLECTION: 0},
-                   split_rngs={"params": True}, in_axes=in_axes, length=length, unroll=length,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
-  layers.scan_layers, attention_lib.map_chunks = unrolled, _unrolled_chunks
-  try:
-    yield
-  finally:
-    layers.scan_layers, attention_lib.map_chunks = scan, chunks
-
-
 def _costs(cost) -> tuple[float, float]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -275,7 +248,7 @@ def _sampler_state_shardings(mesh, shapes):
   `sampler.LAYER_CACHE_AXES`, per-row fields over the batch shards, scalars replicated."""
   rows = shapes.done.shape[0]
   cache = sharding.logical_to_shardings(
-      mesh, jax.sharding.PartitionSpec(*sampler_lib.LAYER_CACHE_AXES), sharding.SAMPLING_RULES)
+      mesh, jax.sharding.PartitionSpec(*sampler_lib.LAYER_CACHE_AXES), sharding.RULES)
   per_leaf = lambda x: (sharding.batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] == rows
                         else sharding.replicated(mesh))
   out = jax.tree.map(per_leaf, shapes)
@@ -297,14 +270,14 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
                    hbm_gib: float | None = None, steps=None) -> list[Report]:
   """Compiles a recipe config's steps (default all; see the module docstring) for one
   slice, e.g. "v5e:4x4"; returns their reports. `recipe` names the config in them."""
-  setup.validate_config(c)
+  config_lib.validate(c)
   devices = topology_devices(topology) if devices is None else devices
   hbm, peak, bandwidth = CHIPS[topology.split(":")[0]]
   hbm_gib = hbm if hbm_gib is None else hbm_gib
   mesh = recipe_mesh(c, devices)
   config = model_config(c)
-  optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
-  state_shape, state_sh = run_lib.abstract_state(mesh, config, optimizer,
+  optimizer = optimizer_lib.make_optimizer(setup.resolve_optim(c))
+  state_shape, state_sh = setup.abstract_state(mesh, config, optimizer,
                                                  abstract_params(config), c.seed)
   state = _abstract(state_shape, state_sh)
   functional_ids = jnp.arange(len(c.functional_tokens.tokens), dtype=jnp.int32)
@@ -315,19 +288,20 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
   n_devices = len(devices)
   reports = []
 
+  unrolled_config = dataclasses.replace(config, unroll_loops=True)
+
   def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
           logit_passes=0, logit_length=None):
-    """Compiles `lower(fresh=False)` (the loop's jitted function lowered on `args`) and
-    appends its report; `lower(fresh=True)` must lower a new jit of the same function (so
-    that the unrolled variant is traced anew). logit_length: the positions per row the LM
-    head runs on (default `length`)."""
+    """Compiles `lower(config)` (the loop's jitted function lowered on `args`) and appends
+    its report; `lower(unrolled_config)` is the same step with every loop unrolled, lowered
+    for its cost counts only. logit_length: the positions per row the LM head runs on
+    (default `length`)."""
     t0 = time.perf_counter()
     with sharding.with_rules(mesh, rules):
-      lowered = lower(False)
+      lowered = lower(config)
       stats, compiled = _memory(lowered, args, hbm_gib)
       compile_s = time.perf_counter() - t0
-      with _unrolled_layers(), steps_lib.unshared():
-        unrolled = lower(True)
+      unrolled = lower(unrolled_config)
     scanned_flops, scanned_bytes = _unoptimised_costs(lowered)
     full_flops, full_bytes = _unoptimised_costs(unrolled)
     if compiled is not None:
@@ -370,14 +344,14 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
         images(b), input_ids=((b, t), jnp.int32), attention_mask=((b, t), jnp.int32),
         loss_mask=((b, t), jnp.int32), position_ids=((b, 3, t), jnp.int32),
         valid=((b,), jnp.int32)))
-    run("sft", lambda fresh: steps_lib.sft_step_fn(c, config, mesh, optimizer, state_sh,
-                                                   functional_ids).lower(state, batch),
+    run("sft", lambda cfg: sft_step_fn(c, cfg, mesh, optimizer, state_sh,
+                                       functional_ids).lower(state, batch),
         (state, batch), rows=b, length=t, logit_passes=4)
   if c.recipe != "rl":
     return reports
   prompts, t, n, g = rl.prompts_per_step, d.max_length, rl.max_new_tokens, rl.group_size
   if wanted("prefill") or wanted("decode"):  # the decode needs the prefill's shardings
-    settings = steps_lib.sampler_settings(rl, stop_ids=(1,), pad_id=0)
+    settings = dataclasses.replace(sampler_lib.SamplerSettings.from_rl(rl), stop_ids=(1,))
     allowed = jax.ShapeDtypeStruct((config.text.vocab_size,), jnp.bool_,
                                    sharding=sharding.replicated(mesh))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
@@ -385,24 +359,16 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
                           attention_mask=((prompts, t), jnp.int32)))
     prefill_args = (state.params, p["input_ids"], p["attention_mask"], p["pixel_values"],
                     p["image_grid_thw"], key, allowed)
-    jitted = lambda fresh, loops, f, **kw: (  # the loop's own jit, or a new one like it
-        jax.jit(functools.partial(f), static_argnums=0, static_argnames=("config", "settings"),
-                **kw)  # (a new function object: jax's trace cache would return the old trace)
-        if fresh else loops)
-    compiled = run("prefill", lambda fresh: jitted(
-        fresh, sampler_lib._prefill_jit, sampler_lib.prefill).lower(
-            config, *prefill_args, settings=settings), prefill_args, rows=prompts, length=t,
-        rules=sharding.SAMPLING_RULES)
+    compiled = run("prefill", lambda cfg: sampler_lib.jit_prefill.lower(
+        cfg, *prefill_args, settings=settings), prefill_args, rows=prompts, length=t)
     if wanted("decode"):
       shapes = jax.eval_shape(lambda *a: sampler_lib.prefill(config, *a, settings=settings),
                               *prefill_args)
       sampler_state = _abstract(shapes, compiled.output_shardings if compiled is not None
                                 else _sampler_state_shardings(mesh, shapes))
-      run("decode", lambda fresh: jitted(
-          fresh, sampler_lib._decode_jit, sampler_lib.decode, donate_argnums=2).lower(
-              config, state.params, sampler_state, allowed, settings=settings),
-          (state.params, sampler_state), rows=prompts * g, length=t,
-          rules=sharding.SAMPLING_RULES, tokens=n)
+      run("decode", lambda cfg: sampler_lib.jit_decode.lower(
+          cfg, state.params, sampler_state, allowed, settings=settings),
+          (state.params, sampler_state), rows=prompts * g, length=t, tokens=n)
   r, length = prompts * g // c.optim.grad_accum, t + n  # one micro-batch (steps.micro_batches)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if (prompts * g) % (c.optim.grad_accum * shards):
@@ -415,14 +381,14 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
                             completion_mask=((r, length), jnp.int32), sampler_logp=per_token,
                             advantages=((r,), jnp.float32)))
   if wanted("old-logp"):
-    run("old-logp", lambda fresh: steps_lib.old_logps_fn(c, config).lower(state.params, batch),
+    run("old-logp", lambda cfg: old_logps_fn(c, cfg).lower(state.params, batch),
         (state.params, batch), rows=r, length=length, logit_passes=1, logit_length=n)
   update_batch = dict(batch, **_batch(mesh, dict(old_logp=per_token)))
   if rl.beta > 0:
     update_batch.update(_batch(mesh, dict(ref_logp=per_token)))
   if wanted("la-grpo"):
-    run("la-grpo", lambda fresh: steps_lib.rl_update_fn(
-        c, config, mesh, optimizer, state_sh, functional_ids).lower(state, update_batch),
+    run("la-grpo", lambda cfg: rl_update_fn(
+        c, cfg, mesh, optimizer, state_sh, functional_ids).lower(state, update_batch),
         (state, update_batch), rows=r, length=length, logit_passes=4, logit_length=n)
   return reports
 
@@ -440,7 +406,6 @@ def flag_configs(size: str, *, mesh_shape: dict, batch: int, length: int, patche
   flag mode. batch: sequences per SFT step (<= 0: one per batch shard); length: SFT length
   and the rollout length (prompt = length - new_tokens); sampler_prompts: prompts per
   rollout (default batch / group_size, rounded up to the batch shards)."""
-  from configs.base import base_config
   shards = sharding.resolve_mesh_shape(mesh_shape, len(devices))
   shards = shards["data"] * shards["fsdp"]
   batch = batch if batch > 0 else shards

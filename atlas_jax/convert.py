@@ -20,7 +20,7 @@ from atlas_jax import checkpoint as checkpoint_lib
 from atlas_jax import functional_tokens, hf
 from atlas_jax.model import abstract_params
 from atlas_jax.model import config as config_lib
-from atlas_jax.train.state import TrainState
+from atlas_jax.run.state import TrainState
 
 
 def _progress(total: int, label: str):

@@ -13,11 +13,10 @@ import json
 import os
 import time
 
-from atlas_jax.data import pipeline
+from atlas_jax.config import OPTIM_GROUPS
 from atlas_jax.rl import loop as rl_loop
-from atlas_jax.train import loop as sft_loop
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import plots
+from atlas_jax.run import plots
+from atlas_jax.sft import loop as sft_loop
 
 
 class DidNotLearn(RuntimeError):
@@ -33,7 +32,7 @@ def stage_config(c, recipe: str, workdir: str):
     s.train.steps = stage.steps
     s.optim.lr = stage.lr
     s.optim.warmup_steps = stage.warmup_steps
-    for group in optimizer_lib.GROUPS:  # per-module settings the stage gives
+    for group in OPTIM_GROUPS:  # per-module settings the stage gives
       for field, value in stage.get(group, {}).items():
         s.optim[group][field] = value
     s.train.log_every = stage.log_every
@@ -44,11 +43,6 @@ def stage_config(c, recipe: str, workdir: str):
       s.tokenizer.path = os.path.join(sft_dir, "tokenizer")
       s.data.dataset_dir = os.path.join(sft_dir, "data")
   return s
-
-
-def _evaluate(run, params, c) -> dict:
-  source = pipeline.open_source(run.data_report, "test")
-  return rl_loop.evaluate(run, params, source, c.rl, c.rl.reward, max_prompts=c.rl.eval_prompts)
 
 
 def _report(stage: str, result: dict) -> dict:
@@ -79,11 +73,11 @@ def run_demo(c, workdir: str) -> dict:
 
   def before(run, state):
     if "before training" not in rows:
-      rows["before training"] = _report("before training", _evaluate(run, state.params, c))
+      rows["before training"] = _report("before training", rl_loop.evaluate_held_out(run, state.params, c))
 
   sft_state, sft_metrics, sft_run = sft_loop.train_sft(sft_c, os.path.join(workdir, "sft"),
                                                        on_start=before)
-  rows["after SFT"] = _report("after SFT", _evaluate(sft_run, sft_state.params, c))
+  rows["after SFT"] = _report("after SFT", rl_loop.evaluate_held_out(sft_run, sft_state.params, c))
   accuracy, bar = rows["after SFT"]["accuracy"], c.demo.min_sft_accuracy
   if not accuracy >= bar:
     print("\n" + summary_table(rows, {}, time.time() - t0), flush=True)
@@ -92,7 +86,7 @@ def run_demo(c, workdir: str) -> dict:
                       "not learn the suite")
   rl_c = stage_config(c, "rl", workdir)
   rl_state, rl_metrics, rl_run = rl_loop.train_rl(rl_c, os.path.join(workdir, "rl"))
-  rows["after LA-GRPO"] = _report("after LA-GRPO", _evaluate(rl_run, rl_state.params, c))
+  rows["after LA-GRPO"] = _report("after LA-GRPO", rl_loop.evaluate_held_out(rl_run, rl_state.params, c))
   throughput = {
       "SFT tokens/s": sft_metrics.get("tokens_per_s", float("nan")),
       "RL rollout tokens/s": rl_metrics.get("rollout_tokens_per_s", float("nan")),

@@ -30,6 +30,11 @@ TOKEN_OPERATIONS = {
     "<|Text|>": "label, annotate or number objects in the image",
 }
 
+# The token each family of the synthetic suite (`data.synthetic`) calls for: the reward's
+# expected token for a sample of that task.
+TASK_TOKENS = {"line_length": "<|Line|>", "count": "<|Text|>", "region": "<|Shape|>",
+               "relation": "<|Arrow|>", "mirror": "<|Manip|>"}
+
 PAD_MULTIPLE = 128
 INIT_MODES = ("mean", "describe")
 

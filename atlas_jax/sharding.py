@@ -3,23 +3,21 @@
 The mesh has three axes, in this order: `data` (pure data parallelism: each group holds a
 full copy of the sharded state), `fsdp` (data parallelism whose params, gradients and
 optimizer state are sharded: ZeRO-3), `tensor` (Megatron-style model parallelism over
-heads, MLP width and vocab). Model code names only logical axes; `RULES` (training) and
-`SAMPLING_RULES` (rollout) map them:
+heads, MLP width and vocab). Model code names only logical axes; `RULES` maps them, for
+training and rollout alike:
 
-  logical            RULES (train)        SAMPLING_RULES (rollout)
-  embed              fsdp                 fsdp
-  mlp, heads,        tensor               tensor
-  kv_heads, vocab
-  layers, head_dim,  replicated           replicated
-  norm
-  activation_batch   (data, fsdp)         (data, fsdp)
-  activation_length  replicated           replicated
-  activation_embed   replicated           replicated
-  activation_mlp     tensor               tensor
+  logical                     mesh axes
+  embed                       fsdp
+  mlp, heads, kv_heads, vocab tensor
+  layers, head_dim, norm      replicated
+  activation_batch            (data, fsdp)
+  activation_length           replicated
+  activation_embed            replicated
+  activation_mlp              tensor
 
 Sampling keeps the training layout for params (rollouts use the live training params, no
 resharding) and shards the KV cache's batch over (data, fsdp) and its kv heads over
-tensor (`CACHE_AXES` in rl/sampler.py).
+tensor (`CACHE_AXES` in sampler.py). The params' shardings are `model.param_shardings`.
 """
 
 from __future__ import annotations
@@ -49,7 +47,6 @@ RULES = (
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
 )
-SAMPLING_RULES = RULES
 
 
 def resolve_mesh_shape(shape, num_devices: int) -> dict[str, int]:
@@ -109,12 +106,6 @@ def logical_to_shardings(mesh: Mesh, logical_specs, rules=RULES, shapes=None):
           raise ValueError(f"{name} dim {dim} (size {size}) is not divisible by mesh axes "
                            f"{_spec_axes(axes)} = {ways}")
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs, is_leaf=is_spec)
-
-
-def param_shardings(mesh: Mesh, config, rules=RULES):
-  """Shardings of the model params (checked for divisibility)."""
-  from atlas_jax.model import abstract_params, param_axes
-  return logical_to_shardings(mesh, param_axes(config), rules, abstract_params(config))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,7 +9,7 @@ prints a summary table (also written to <workdir>/summary.txt).
 
 import ml_collections
 
-from configs.base import base_config
+from atlas_jax.config import base_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ attention chunking and micro-batching proven to fit its slice in `FITS` (3B v5e:
 v5e:4x4, 32B and 72B v5p:2x2x4).
 """
 
-from configs.base import base_config
+from atlas_jax.config import at_published_size, base_config
 
 UPDATES = 500
 # Per published size, the settings proven to fit the slice named (the smallest of the
@@ -55,12 +55,7 @@ def get_config(arg: str = "tiny"):
     c.checkpoint.every = 10
   else:
     fits = FITS.get(arg, FITS["qwen2.5-vl-7b"])
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"
-    c.model.attention_impl = "auto"  # splash on TPU, the einsums (chunked) elsewhere
-    c.model.attention_chunk = 1024
-    c.mesh.tensor = fits["tensor"]
-    c.optim.moments_dtype = fits["moments"]
+    at_published_size(c, tensor=fits["tensor"], moments_dtype=fits["moments"])
     c.data.batch_size = fits["batch_shards"]  # RL reads rl.prompts_per_step; checked
     c.optim.lr = 1e-6
     c.optim.warmup_steps = 10
@@ -74,6 +69,5 @@ def get_config(arg: str = "tiny"):
     c.optim.grad_accum = c.rl.prompts_per_step * c.rl.group_size // fits["batch_shards"]
     # train.steps and checkpoint.every count micro-batches: UPDATES optimizer updates.
     c.train.steps = UPDATES * c.optim.grad_accum
-    c.train.logprob_chunk = 512
     c.checkpoint.every = 25 * c.optim.grad_accum
   return c

@@ -12,7 +12,7 @@ accumulation proven to fit its slice in `FITS` (3B v5e:2x4, 7B v5e:4x4, 32B v5p:
       --config.data.train_jsonl=/data/atlas/train.jsonl
 """
 
-from configs.base import base_config
+from atlas_jax.config import at_published_size, base_config
 
 GLOBAL_BATCH = 64  # sequences per optimizer update: data.batch_size x optim.grad_accum
 UPDATES = 2000
@@ -43,15 +43,10 @@ def get_config(arg: str = "tiny"):
     c.checkpoint.every = 50
   else:
     fits = FITS.get(arg, FITS["qwen2.5-vl-7b"])
-    c.model.dtype = "bfloat16"
-    c.model.remat = "full"
-    c.model.attention_impl = "auto"  # splash on TPU, the einsums (chunked) elsewhere
-    c.model.attention_chunk = 1024
-    c.mesh.tensor = fits["tensor"]
+    at_published_size(c, tensor=fits["tensor"], moments_dtype=fits["moments"])
     c.optim.lr = 1e-5
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.01
-    c.optim.moments_dtype = fits["moments"]
     c.data.batch_size = fits["batch_size"]
     c.optim.grad_accum = GLOBAL_BATCH // fits["batch_size"]
     c.data.max_length = 4096
@@ -60,6 +55,5 @@ def get_config(arg: str = "tiny"):
     c.data.max_patches = 5120
     # train.steps and checkpoint.every count micro-batches: UPDATES optimizer updates.
     c.train.steps = UPDATES * c.optim.grad_accum
-    c.train.logprob_chunk = 512
     c.checkpoint.every = 200 * c.optim.grad_accum
   return c

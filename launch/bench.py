@@ -256,12 +256,12 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
 
   from atlas_jax import hf
   from atlas_jax.model import rope
-  from atlas_jax.rl import sampler as sampler_lib
+  from atlas_jax import sampler as sampler_lib
   from atlas_jax.rl.update import rl_step
-  from atlas_jax.train import optimizer as optimizer_lib
-  from atlas_jax.train import steps as steps_lib
-  from atlas_jax.train.sft import sft_step
-  from atlas_jax.train.state import TrainState
+  from atlas_jax.run import optimizer as optimizer_lib
+  from atlas_jax.run import steps as steps_lib
+  from atlas_jax.sft.update import sft_step
+  from atlas_jax.run.state import TrainState
   from atlas_jax import aot
 
   model = hf_model(spec)
@@ -314,7 +314,7 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
         f"{step_ms:.1f} ms (weights and cache read once per token at {bandwidth:.1f} GB/s) = "
         f"{floor:.2f} s, i.e. at most {b * n / floor:.0f} new tok/s = "
         f"{hf_t / floor:.2f}x transformers; measured {jax_t:.2f} s")
-  prefill_s = timed(lambda: jax.block_until_ready(sampler_lib._prefill_jit(
+  prefill_s = timed(lambda: jax.block_until_ready(sampler_lib.jit_prefill(
       config, params, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
       batch["image_grid_thw"], key, sampler.allowed, settings=settings)), FLAGS.repeats)[1]
   products = weights_only_step(config, b, max(FLAGS.repeats, 5))
@@ -430,7 +430,7 @@ def decode_vs_length(config, params, batch, lengths):
   cache update should not grow with S; only attention's reads of the cache do."""
   import jax
 
-  from atlas_jax.rl import sampler as sampler_lib
+  from atlas_jax import sampler as sampler_lib
   t = batch["input_ids"].shape[1]
   print("decode (atlas_jax): cache length S -> ms per step for all rows "
         "(32 steps timed after prefill)")
@@ -438,12 +438,12 @@ def decode_vs_length(config, params, batch, lengths):
     n = s - t
     settings = sampler_lib.SamplerSettings(max_new_tokens=n, greedy=True, stop_ids=(), pad_id=2)
     allowed = jax.numpy.ones(config.text.vocab_size, bool)
-    state = sampler_lib._prefill_jit(config, params, batch["input_ids"], batch["attention_mask"],
+    state = sampler_lib.jit_prefill(config, params, batch["input_ids"], batch["attention_mask"],
                                      batch["pixel_values"], batch["image_grid_thw"],
                                      jax.random.key(0), allowed, settings=settings)
     # Time 32 steps by starting the loop 32 steps before its end.
     start = max(n - 32, 1)
-    run = lambda st: jax.block_until_ready(sampler_lib._decode_jit(
+    run = lambda st: jax.block_until_ready(sampler_lib.jit_decode(
         config, params, st, allowed, settings=settings))
     fresh = lambda: jax.tree.map(lambda x: x.copy(), state.replace(
         step=jax.numpy.asarray(start, jax.numpy.int32)))

@@ -15,7 +15,7 @@ from absl import app
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("usage: python -m launch.plot <workdir> [<workdir> ...]")
-  from atlas_jax.train import plots
+  from atlas_jax.run import plots
   drawn = []
   for workdir in argv[1:]:
     drawn += plots.redraw(workdir)

@@ -26,7 +26,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   c = FLAGS.config
   if c.recipe == "sft":
-    from atlas_jax.train.loop import train_sft
+    from atlas_jax.sft.loop import train_sft
     train_sft(c, FLAGS.workdir)
   elif c.recipe == "rl":
     from atlas_jax.rl.loop import train_rl

@@ -33,8 +33,8 @@ def optimized_compiles(level: int = 1):
 
   import jax
 
-  from atlas_jax.rl import sampler
-  from atlas_jax.train import steps
+  from atlas_jax import sampler
+  from atlas_jax.run import steps
   option = {"xla_backend_optimization_level": level}
   options = steps.gradient_compiler_options
   jit = lambda fn, donate: jax.jit(fn, static_argnames=("config", "settings"),
@@ -42,8 +42,8 @@ def optimized_compiles(level: int = 1):
                                    compiler_options=option)
   with mock.patch.object(steps, "gradient_compiler_options",
                          lambda platform: {**(options(platform) or {}), **option}), \
-       mock.patch.object(sampler, "_prefill_jit", jit(sampler.prefill, ())), \
-       mock.patch.object(sampler, "_decode_jit", jit(sampler.decode, 2)):
+       mock.patch.object(sampler, "jit_prefill", jit(sampler.prefill, ())), \
+       mock.patch.object(sampler, "jit_decode", jit(sampler.decode, 2)):
     yield
 
 

@@ -25,11 +25,12 @@ import numpy as np  # noqa: E402
 
 from atlas_jax import sharding  # noqa: E402
 from atlas_jax.model import forward, init_params  # noqa: E402
-from atlas_jax.train import optimizer as optimizer_lib  # noqa: E402
-from atlas_jax.train.sft import sft_step  # noqa: E402
-from atlas_jax.train.state import TrainState  # noqa: E402
-from atlas_jax.rl.sampler import Sampler, SamplerSettings  # noqa: E402
-from atlas_jax.rl.update import rl_step, token_logps  # noqa: E402
+from atlas_jax.run import optimizer as optimizer_lib  # noqa: E402
+from atlas_jax.sft.update import sft_step  # noqa: E402
+from atlas_jax.run.state import TrainState  # noqa: E402
+from atlas_jax.sampler import Sampler, SamplerSettings  # noqa: E402
+from atlas_jax.rl.update import rl_step  # noqa: E402
+from atlas_jax.run.logprobs import token_logps  # noqa: E402
 
 CONFIG = factories.tiny_model_config()
 MESHES = {"1": None, "fsdp=8": dict(data=1, fsdp=8, tensor=1),
@@ -169,7 +170,7 @@ def run(mesh_shape):
                                             stop_ids=STOP_IDS), allowed)
   prompts = {k: dev[k] for k in ("input_ids", "attention_mask", "pixel_values",
                                  "image_grid_thw")}
-  with sharding.with_rules(mesh, sharding.SAMPLING_RULES):
+  with sharding.with_rules(mesh, sharding.RULES):
     sampled = sampler.sample(params, prompts, jax.random.key(0))
   out["sample_tokens_shard_shape"] = list(sampled["tokens"].addressable_shards[0].data.shape)
   # An activation constraint under the training rules: [8 rows, 4, 16 features].

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from atlas_jax import ablate
+from atlas_jax import config as config_lib
 from configs import ablate as ablate_config
 from tests import factories
 
@@ -94,8 +95,8 @@ def test_ablation_runs_every_variant_and_seed(tmp_path, capsys):
 
 def test_bad_ablate_group_is_refused():
   with pytest.raises(ValueError, match="config.ablate.variants has 'ppo'"):
-    ablate.validate(_config(**{"ablate.variants": ("grpo", "ppo")}))
+    config_lib.validate(_config(**{"ablate.variants": ("grpo", "ppo")}))
   with pytest.raises(ValueError, match="config.ablate.seeds"):
-    ablate.validate(_config(**{"ablate.seeds": (1, 1)}))
+    config_lib.validate(_config(**{"ablate.seeds": (1, 1)}))
   with pytest.raises(ValueError, match="config.ablate.alpha 0"):
-    ablate.validate(_config(**{"ablate.alpha": 0.0}))
+    config_lib.validate(_config(**{"ablate.alpha": 0.0}))

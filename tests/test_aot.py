@@ -4,7 +4,7 @@ The slow test runs the recipe path (`aot.compile_recipe`, what `launch.aot_repor
 --config=...` calls) in a subprocess (libtpu is noisy and process-global) on the tiny SFT
 and RL recipes (RL with grad accumulation) for a 4-chip v5e slice: every step compiles, fits,
 and reports positive FLOPs, bytes and a roofline time, and the steps it compiles are
-built by the same builders (`atlas_jax.train.steps`) the training loops call. The fast
+built by the same builders (`sft.update`, `rl.update`) the training loops call. The fast
 test checks the cheap half: slice sizes, the analytic FLOPs, and that FSDP shards the
 state (per-chip bytes under fsdp=4 well below those under data=4).
 """
@@ -35,16 +35,15 @@ RL_ACCUM = {"optim.grad_accum": 2, "train.steps": 20}
 SCRIPT = """
 import json, sys
 from atlas_jax import aot
-from atlas_jax.train import steps
 from configs import rl, sft
 from tests import factories
 
 called = []
 for name in ("sft_step_fn", "old_logps_fn", "rl_update_fn"):
-  def spy(*args, _real=getattr(steps, name), _name=name, **kwargs):
+  def spy(*args, _real=getattr(aot, name), _name=name, **kwargs):
     called.append(_name)
     return _real(*args, **kwargs)
-  setattr(steps, name, spy)
+  setattr(aot, name, spy)
 changes, rl_changes = ({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
                        for d in json.loads(sys.argv[1]))
 reports = []
@@ -58,16 +57,20 @@ print("REPORTS " + json.dumps({"called": called, "reports": [
 """
 
 
-def _steps_calls(path: str, function: str) -> set[str]:
-  """Names `function` in the module at `path` calls on `atlas_jax.train.steps` (imported
-  as steps_lib)."""
+BUILDERS = {"sft_step_fn": "atlas_jax.sft.update", "old_logps_fn": "atlas_jax.rl.update",
+            "rl_update_fn": "atlas_jax.rl.update", "micro_batches": "atlas_jax.rl.update",
+            "make_sampler": "atlas_jax.sampler"}
+
+
+def _builder_calls(path: str, function: str) -> set[str]:
+  """The step builders (`BUILDERS`, imported by name from their modules) that `function` in
+  the module at `path` calls."""
   tree = ast.parse(open(os.path.join(ROOT, path)).read())
-  assert any(isinstance(n, ast.ImportFrom) and n.module == "atlas_jax.train" and
-             any(a.name == "steps" and a.asname == "steps_lib" for a in n.names)
-             for n in tree.body), f"{path} does not import atlas_jax.train.steps as steps_lib"
+  imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom)
+              for a in n.names if BUILDERS.get(a.name) == n.module}
   body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
-  return {n.func.attr for n in ast.walk(body) if isinstance(n, ast.Call) and
-          isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "steps_lib"}
+  return {n.func.id for n in ast.walk(body) if isinstance(n, ast.Call) and
+          isinstance(n.func, ast.Name) and n.func.id in imported}
 
 
 @pytest.mark.slow
@@ -80,10 +83,11 @@ def test_tiny_recipes_compile_for_a_v5e_slice():
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   # Meanwhile: the training loops call those builders (read from their source, not
   # imported: the subprocess has the cores).
-  assert _steps_calls("atlas_jax/train/loop.py", "train_sft") >= {"sft_step_fn"}
-  assert _steps_calls("atlas_jax/rl/loop.py", "train_rl") >= {
-      "old_logps_fn", "rl_update_fn", "micro_batches"}
-  assert _steps_calls("atlas_jax/rl/loop.py", "sampler_for") >= {"sampler_settings"}
+  assert _builder_calls("atlas_jax/sft/loop.py", "train_sft") >= {"sft_step_fn"}
+  assert _builder_calls("atlas_jax/rl/loop.py", "train_rl") >= {
+      "old_logps_fn", "rl_update_fn", "micro_batches", "make_sampler"}
+  assert _builder_calls("atlas_jax/aot.py", "compile_recipe") >= {
+      "sft_step_fn", "old_logps_fn", "rl_update_fn"}
   stdout, stderr = proc.communicate(timeout=900)
   assert proc.returncode == 0, stderr[-3000:]
   out = json.loads(stdout.split("REPORTS ", 1)[1])
@@ -115,8 +119,8 @@ def test_slice_sizes_flops_and_fsdp_state_without_compiling():
   import jax
   from atlas_jax import aot, sharding
   from atlas_jax.model import abstract_params, from_size
-  from atlas_jax.train import optimizer as optimizer_lib
-  from atlas_jax.train import run as run_lib
+  from atlas_jax.run import optimizer as optimizer_lib
+  from atlas_jax.run import setup as run_lib
   from configs import sft
   assert aot.chip_count("v5e:4x4") == 16 and aot.chip_count("v5p:4x4x4") == 64
   devices = aot.topology_devices("v5e:2x2")
@@ -175,11 +179,25 @@ def test_the_cost_pass_counts_every_attention_chunk():
   from atlas_jax import aot
   from atlas_jax.model import attention
   q, kv = jnp.ones((1, 256, 4, 16)), jnp.ones((1, 256, 2, 16))
-  flops = lambda chunk: aot._unoptimised_costs(jax.jit(
-      lambda q, k, v: attention.attention(q, k, v, None, chunk=chunk)).lower(q, kv, kv))[0]
-  whole, looped = flops(0), flops(64)
-  with aot._unrolled_layers():
-    unrolled = flops(64)
+  flops = lambda chunk, unroll=False: aot._unoptimised_costs(jax.jit(
+      lambda q, k, v: attention.attention(q, k, v, None, chunk=chunk, unroll=unroll)).lower(
+          q, kv, kv))[0]
+  whole, looped, unrolled = flops(0), flops(64), flops(64, unroll=True)
   assert looped < 0.5 * whole
   assert unrolled == pytest.approx(whole, rel=0.05)
-  assert attention.map_chunks is not aot._unrolled_chunks  # restored
+
+
+def test_the_cost_pass_unrolls_the_layer_scans_by_config():
+  """ModelConfig.unroll_loops (static) emits every layer: the same function, counted whole."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from atlas_jax import aot
+  from atlas_jax.model import abstract_params, forward, from_size
+  config = from_size("tiny")
+  ids = jnp.ones((1, 32), jnp.int32)
+  flops = lambda cfg: aot._unoptimised_costs(jax.jit(forward, static_argnums=0).lower(
+      cfg, abstract_params(cfg), ids, ids))[0]
+  scanned, unrolled = flops(config), flops(dataclasses.replace(config, unroll_loops=True))
+  assert unrolled > 1.5 * scanned  # tiny has 2 decoder layers: one counted when scanned

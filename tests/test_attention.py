@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax.model import forward, init_params, layers
+from atlas_jax import config as config_lib
+from atlas_jax.model import attention as attention_lib
+from atlas_jax.model import forward, init_params
 from tests import factories
 
 
@@ -24,10 +26,10 @@ def _inputs(t=16, s=16):
 @pytest.mark.parametrize("chunk", [4, 8])
 def test_chunked_attention_matches_outputs_and_gradients(chunk):
   q, k, v, mask = _inputs()
-  full = layers.attention(q, k, v, mask)
-  part = layers.attention(q, k, v, mask, chunk=chunk)
+  full = attention_lib.attention(q, k, v, mask)
+  part = attention_lib.attention(q, k, v, mask, chunk=chunk)
   np.testing.assert_allclose(part, full, atol=1e-6)
-  loss = lambda c: lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, mask, chunk=c)))
+  loss = lambda c: lambda q, k, v: jnp.sum(jnp.sin(attention_lib.attention(q, k, v, mask, chunk=c)))
   g_full = jax.grad(loss(0), argnums=(0, 1, 2))(q, k, v)
   g_part = jax.grad(loss(chunk), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g_part, g_full):
@@ -36,8 +38,8 @@ def test_chunked_attention_matches_outputs_and_gradients(chunk):
 
 def test_chunk_that_does_not_divide_falls_back_to_one_block():
   q, k, v, mask = _inputs(t=12, s=12)
-  np.testing.assert_allclose(layers.attention(q, k, v, mask, chunk=5),
-                             layers.attention(q, k, v, mask), atol=1e-6)
+  np.testing.assert_allclose(attention_lib.attention(q, k, v, mask, chunk=5),
+                             attention_lib.attention(q, k, v, mask), atol=1e-6)
 
 
 def test_model_forward_with_attention_chunk_matches():
@@ -55,7 +57,6 @@ def test_model_forward_with_attention_chunk_matches():
 
 # --- attention implementations (model.attention_impl) --------------------------------------
 
-from atlas_jax.model import attention as attention_lib  # noqa: E402
 from atlas_jax.model import vlm  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def _padded_inputs(t=128, b=2, n=4, kv=2, h=32):
 
 def test_xla_grouped_layout_matches_the_5d_einsum():
   q, k, v, mask = _inputs()
-  np.testing.assert_allclose(layers.attention(q, k, v, mask), _reference(q, k, v, mask),
+  np.testing.assert_allclose(attention_lib.attention(q, k, v, mask), _reference(q, k, v, mask),
                              atol=1e-6)
 
 
@@ -90,7 +91,7 @@ def test_cudnn_dispatch_matches_xla_on_cpu():
   # argument layout (GQA heads, [B, 1, T, S] mask) that the cudnn path passes.
   q, k, v, am = _padded_inputs(t=16)
   mask = vlm.text_mask(am)
-  want = layers.attention(q, k, v, mask)
+  want = attention_lib.attention(q, k, v, mask)
   got = attention_lib._cudnn(q, k, v, mask, implementation="xla")
   real = np.asarray(am)[:, :, None, None]
   np.testing.assert_allclose(np.asarray(got) * real, np.asarray(want) * real, atol=1e-5)
@@ -101,7 +102,7 @@ def test_cudnn_dispatch_matches_xla_on_cpu():
 
 
 def test_auto_attention_is_splash_on_tpu_and_the_einsums_elsewhere():
-  from atlas_jax.train import setup
+  from atlas_jax.run import setup
   from configs import sft
   c = sft.get_config("qwen2.5-vl-7b")
   chosen = lambda platform: setup.runtime_options(c, platform)["attention_impl"]
@@ -111,14 +112,14 @@ def test_auto_attention_is_splash_on_tpu_and_the_einsums_elsewhere():
   assert chosen("gpu") == chosen("tpu") == "cudnn"
   c.model.attention_impl = "flash"  # refused before any work, naming the field
   with pytest.raises(ValueError, match="config.model.attention_impl 'flash'"):
-    setup.validate_config(c)
+    config_lib.validate(c)
 
 
 def test_splash_interpret_matches_xla_causal_padding_gqa():
   q, k, v, am = _padded_inputs()
   mask = vlm.text_mask(am)
-  want = layers.attention(q, k, v, mask)
-  got = layers.attention(q, k, v, mask, impl="splash")  # interpret mode off TPU
+  want = attention_lib.attention(q, k, v, mask)
+  got = attention_lib.attention(q, k, v, mask, impl="splash")  # interpret mode off TPU
   real = np.asarray(am)[:, :, None, None]  # padded query rows are ignored by callers
   np.testing.assert_allclose(np.asarray(got) * real, np.asarray(want) * real, atol=2e-5)
 
@@ -129,7 +130,7 @@ def test_splash_interpret_gradients_match_xla():
   mask = vlm.text_mask(am)
   real = am.astype(jnp.float32)[:, :, None, None]
   loss = lambda impl: lambda q, k, v: jnp.sum(
-      jnp.sin(layers.attention(q, k, v, mask, impl=impl)) * real)
+      jnp.sin(attention_lib.attention(q, k, v, mask, impl=impl)) * real)
   want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
   got = jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(got, want):
@@ -141,8 +142,8 @@ def test_splash_vision_window_segments_match_xla():
   seg = jnp.asarray(np.repeat(np.arange(4), 16), jnp.int32).at[-8:].set(-1)  # 8 padded
   q, k, v = (jnp.asarray(rng.normal(size=(1, 64, 2, 16)), jnp.float32) for _ in range(3))
   mask = attention_lib.Mask(dense=(seg[:, None] == seg[None, :])[None], segment_ids=seg[None])
-  np.testing.assert_allclose(layers.attention(q, k, v, mask, impl="splash"),
-                             layers.attention(q, k, v, mask), atol=2e-5)
+  np.testing.assert_allclose(attention_lib.attention(q, k, v, mask, impl="splash"),
+                             attention_lib.attention(q, k, v, mask), atol=2e-5)
 
 
 def test_model_forward_with_splash_matches_xla():

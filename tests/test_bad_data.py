@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from atlas_jax.data import schema, synthetic
-from atlas_jax.train import setup
-from atlas_jax.train.loop import train_sft
+from atlas_jax import config as config_lib
+from atlas_jax.run import setup
+from atlas_jax.sft.loop import train_sft
 from configs import sft as sft_config
 from tests import factories
 
@@ -171,7 +172,7 @@ def test_changed_source_is_detected_on_relaunch(tmp_path, capsys):
 ])
 def test_bad_data_options_stop_before_any_work(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
-    setup.validate_config(_config(str(tmp_path), "", **{field: value}))
+    config_lib.validate(_config(str(tmp_path), "", **{field: value}))
 
 
 def test_regenerated_identical_suite_is_reused(tmp_path, capsys):

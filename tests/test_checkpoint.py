@@ -15,7 +15,7 @@ import pytest
 from atlas_jax import checkpoint as ckpt_lib
 from atlas_jax.model import abstract_params, init_params
 from tests import factories
-from atlas_jax.train.state import TrainState
+from atlas_jax.run.state import TrainState
 
 CONFIG = factories.tiny_model_config()
 

@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
+from atlas_jax import functional_tokens
 from atlas_jax.data import schema, synthetic
-from atlas_jax.rl.rewards import extract_boxed
+from atlas_jax.answers import extract_boxed
 
 GOOD = {"id": "a1", "images": [], "question": "Q?", "trajectory": "Look.\n<|Shape|>\n\\boxed{B}",
         "answer": "B", "task": "region", "answer_type": "choice", "choices": ["x", "y"]}
@@ -116,7 +117,7 @@ def test_suite_records_are_valid_and_consistent(suite):
   records, skipped = schema.read_jsonl(path)
   assert not skipped and len(records) == 6 * len(synthetic.FAMILIES)
   for r in records:
-    token = synthetic.TASK_TOKENS[r.task]
+    token = functional_tokens.TASK_TOKENS[r.task]
     assert f"\n{token}\n" in r.trajectory
     assert extract_boxed(r.trajectory) == r.answer
     assert r.answer in "ABCD" and len(r.choices) == 4

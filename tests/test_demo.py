@@ -26,7 +26,7 @@ def _fake_stages(monkeypatch, sft_accuracy):
   accuracy = {None: 0.0, "sft": sft_accuracy, "rl": sft_accuracy + 0.05}
   monkeypatch.setattr(demo.sft_loop, "train_sft", train_sft)
   monkeypatch.setattr(demo.rl_loop, "train_rl", train_rl)
-  monkeypatch.setattr(demo, "_evaluate", lambda run, params, c: dict(
+  monkeypatch.setattr(demo.rl_loop, "evaluate_held_out", lambda run, params, c: dict(
       accuracy=accuracy[params], reward=accuracy[params], functional_per_completion=1.0,
       completion_length=40.0, rollout_tokens_per_s=3.0))
   monkeypatch.setattr(demo.plots, "plot_demo", lambda result, path: None)

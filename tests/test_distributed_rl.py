@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from atlas_jax.train.loop import train_sft
+from atlas_jax.sft.loop import train_sft
 from configs import sft as sft_config
 from tests import factories
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from atlas_jax.rl import grpo, rollout
-from atlas_jax.train.setup import validate_config
+from atlas_jax.config import validate as validate_config
 from configs import rl as rl_config
 
 PAD = 9

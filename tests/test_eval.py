@@ -8,7 +8,7 @@ import pytest
 
 from atlas_jax.data import synthetic
 from atlas_jax.eval import benchmarks, evaluator, load, writers
-from atlas_jax.train import setup
+from atlas_jax.run import setup
 from configs import sft as sft_config
 from tests import factories
 from tests.test_eval_benchmarks import b64, write_tsv

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from atlas_jax.data.schema import Trajectory
+from atlas_jax import answers
 from atlas_jax.eval import extract, report
 from atlas_jax.eval.benchmarks import Item
 
@@ -36,19 +37,19 @@ OPTIONS = tuple(zip("ABCD", ["red", "blue", "dark red", "green"]))
     ("", None, None),
 ])
 def test_multiple_choice_extraction(completion, expected, method):
-  assert extract.extract(completion, OPTIONS) == (expected, method)
+  assert answers.extract(completion, OPTIONS) == (expected, method)
 
 
 def test_letter_far_from_the_end_does_not_count():
   text = "B seems plausible at first. " + "Let me look at every part of the picture. " * 3
-  assert extract.lone_letter(text, "ABCD") is None
+  assert answers.lone_letter(text, "ABCD") is None
 
 
 @pytest.mark.parametrize("completion, expected", [
     ("\\boxed{3}", "3"), ("So the answer is 42.", "42"), ("yes", "yes"),
     ("A long answer\nover two lines", None), ("", None)])
 def test_open_question_extraction(completion, expected):
-  assert extract.extract(completion, ())[0] == expected
+  assert answers.extract(completion, ())[0] == expected
 
 
 def _item(answer="B", options=OPTIONS, category="", l2=""):

@@ -7,6 +7,7 @@ import os
 import ml_collections
 import pytest
 
+from atlas_jax import config as config_lib
 from atlas_jax.data import synthetic
 from atlas_jax.eval import benchmarks, evaluator, in_training, load
 from configs import rl as rl_config
@@ -48,7 +49,7 @@ def _rows(workdir, prefix):
 
 @pytest.mark.slow
 def test_sft_evaluates_keeps_the_best_and_draws(tmp_path):
-  from atlas_jax.train.loop import train_sft
+  from atlas_jax.sft.loop import train_sft
   c = _sft_config(str(tmp_path))
   workdir = str(tmp_path / "run")
   train_sft(c, workdir)
@@ -110,7 +111,7 @@ def test_eval_config_is_validated(tmp_path):
                                 ("keep_best", "loss", "config.eval.keep_best 'loss' is not")]:
     bad = _sft_config(str(tmp_path), **{f"eval.{field}": value})
     with pytest.raises(ValueError, match=message):
-      in_training.TrainingEval.create(bad)
+      config_lib.validate(bad)
   assert in_training.TrainingEval.create(_sft_config(str(tmp_path), **{"eval.data": ""})) \
       is None
   evals = in_training.TrainingEval.create(c)

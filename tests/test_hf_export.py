@@ -17,8 +17,8 @@ from safetensors.numpy import load_file
 from atlas_jax import functional_tokens, hf
 from atlas_jax.data import chat, image as image_lib
 from atlas_jax.model import forward, get_rope_index
-from atlas_jax.rl.loop import allowed_ids
-from atlas_jax.rl.sampler import Sampler, SamplerSettings
+from atlas_jax.sampler import allowed_ids
+from atlas_jax.sampler import Sampler, SamplerSettings
 from tests import factories as F
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -55,9 +55,9 @@ def trained(tmp_path_factory):
   """HF -> atlas_jax -> functional tokens (vocab grows) -> 3 SFT steps -> HF export."""
   import functools
   import ml_collections
-  from atlas_jax.train import optimizer as optimizer_lib
-  from atlas_jax.train.sft import sft_step
-  from atlas_jax.train.state import TrainState
+  from atlas_jax.run import optimizer as optimizer_lib
+  from atlas_jax.sft.update import sft_step
+  from atlas_jax.run.state import TrainState
   root = tmp_path_factory.mktemp("export")
   src, dst = str(root / "src"), str(root / "dst")
   F.save_tiny_hf_with_tokenizer(src)

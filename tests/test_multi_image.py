@@ -20,13 +20,13 @@ from PIL import Image, ImageDraw
 from atlas_jax import hf
 from atlas_jax.data import chat, pipeline, tfds_builder
 from atlas_jax.rl import rollout
-from atlas_jax.rl.loop import allowed_ids
-from atlas_jax.rl.sampler import Sampler, SamplerSettings
-from atlas_jax.rl.update import token_logps
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import run as run_lib
-from atlas_jax.train import sft
-from atlas_jax.train.state import TrainState
+from atlas_jax.run import logprobs
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import setup as run_lib
+from atlas_jax.run.logprobs import token_logps
+from atlas_jax.run.state import TrainState
+from atlas_jax.sampler import Sampler, SamplerSettings, allowed_ids
+from atlas_jax.sft.update import sft_step
 from configs import sft as sft_config
 from tests import factories as F
 
@@ -201,8 +201,8 @@ def test_sft_loss_equals_transformers(case):
 
   @jax.jit
   def logps(params, b):
-    targets, _ = sft.shift_targets(b)
-    return sft.chunked_token_stats(config, params, sft.model_hidden(config, params, b),
+    targets = logprobs.targets(b)
+    return logprobs.chunked_token_stats(config, params, logprobs.model_hidden(config, params, b),
                                    targets, CHUNK)["logp"]
 
   got = np.asarray(logps(params, _device(batch)))
@@ -239,7 +239,7 @@ def test_sft_step_on_two_images(case):
   c.optim.warmup_steps = 0  # the first step at the full rate (a warmup starts at 0)
   optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
   state = TrainState.create(params, optimizer, 0)  # not donated: params stay valid
-  step = jax.jit(functools.partial(sft.sft_step, config=config, optimizer=optimizer,
+  step = jax.jit(functools.partial(sft_step, config=config, optimizer=optimizer,
                                    functional_ids=jnp.zeros((0,), jnp.int32),
                                    chunk=BUCKETS[0]))
   new, metrics = step(state, _device(batch))
@@ -349,7 +349,7 @@ def test_sft_then_rl_loops_on_two_image_files(tmp_path):
   checkpoint on two-image RL rows (data.max_images = 2): no record is skipped, the steps
   are finite, and the rollout log-probs equal the trainer's on the two-image prompts."""
   from atlas_jax.rl.loop import train_rl
-  from atlas_jax.train.loop import train_sft
+  from atlas_jax.sft.loop import train_sft
   from configs import rl as rl_config
   images = _images(tmp_path)
   sft_dir, rl_dir = tmp_path / "sft", tmp_path / "rl"

@@ -11,16 +11,17 @@ import numpy as np
 import optax
 import pytest
 
+from atlas_jax.config import OPTIM_GROUPS
 from atlas_jax import checkpoint as checkpoint_lib
 from atlas_jax import sharding
 from atlas_jax.functional_tokens import TokenTable
-from atlas_jax.model import init_params
-from atlas_jax.train import metrics as metrics_lib
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import run as run_lib
-from atlas_jax.train.setup import validate_config
-from atlas_jax.train.sft import sft_step
-from atlas_jax.train.state import TrainState
+from atlas_jax.model import init_params, param_shardings
+from atlas_jax.run import metrics as metrics_lib
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import setup as run_lib
+from atlas_jax.config import validate as validate_config
+from atlas_jax.sft.update import sft_step
+from atlas_jax.run.state import TrainState
 from configs import sft as sft_config
 from tests.test_sft_step import CONFIG, _batch
 
@@ -31,7 +32,7 @@ def _optim(**groups):
   """A constant-rate optim group (no warmup, no decay) with the given group settings."""
   base = dict(lr=LR, warmup_steps=0, total_steps=10, final_lr_fraction=1.0, weight_decay=0.1,
               b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, moments_dtype="float32")
-  for name in optimizer_lib.GROUPS:
+  for name in OPTIM_GROUPS:
     base[name] = dict(dict(trainable=True, lr_scale=1.0), **groups.pop(name, {}))
   return ml_collections.ConfigDict(dict(base, **groups))
 
@@ -51,7 +52,7 @@ def _train(optim, steps: int):
 
 def _by_group(tree) -> dict[str, list]:
   labels = jax.tree.leaves(optimizer_lib.param_groups(tree))
-  out = {name: [] for name in optimizer_lib.GROUPS}
+  out = {name: [] for name in OPTIM_GROUPS}
   for label, leaf in zip(labels, jax.tree.leaves(tree)):
     out[label].append(np.asarray(leaf))
   return out
@@ -120,7 +121,7 @@ def test_moments_of_a_group_take_the_params_shardings():
   params = init_params(CONFIG, jax.random.key(0))
   tx = optimizer_lib.make_optimizer(_optim(vision={"trainable": False}))
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-  param_sh = sharding.param_shardings(mesh, CONFIG)
+  param_sh = param_shardings(mesh, CONFIG)
   abstract = jax.eval_shape(lambda p: TrainState.create(p, tx, 0), params)
   state_sh = sharding.state_shardings(mesh, abstract, param_sh)
   q_spec = param_sh["decoder"]["layers"]["q"]["kernel"].spec
@@ -204,7 +205,7 @@ def test_an_unknown_moments_dtype_is_refused():
 
 def test_all_groups_frozen_is_refused():
   c = sft_config.get_config("tiny")
-  for name in optimizer_lib.GROUPS:
+  for name in OPTIM_GROUPS:
     c.optim[name].trainable = False
   with pytest.raises(ValueError, match="nothing would train"):
     validate_config(c)

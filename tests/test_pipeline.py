@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from atlas_jax import functional_tokens
 from atlas_jax.data import image as image_lib
 from atlas_jax.data import pipeline, synthetic, tfds_builder, tokenizer as tokenizer_lib
 from atlas_jax.model import get_rope_index
@@ -34,7 +35,7 @@ def data(tmp_path_factory):
   report = tfds_builder.build_dataset(splits={"train": train, "test": test},
                                       data_dir=str(root / "tfds"))
   tok = tokenizer_lib.build_tokenizer(str(root / "tok"))
-  tok.add_tokens(list(synthetic.TASK_TOKENS.values()))
+  tok.add_tokens(list(functional_tokens.TASK_TOKENS.values()))
   return report, tok, root
 
 

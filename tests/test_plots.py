@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from atlas_jax.train import plots  # noqa: E402
+from atlas_jax.run import plots  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

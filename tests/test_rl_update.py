@@ -10,8 +10,8 @@ import pytest
 
 from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, init_params
 from atlas_jax.rl.update import rl_loss, rl_step
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train.state import TrainState
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run.state import TrainState
 
 CONFIG = ModelConfig(
     vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
@@ -42,7 +42,7 @@ def _rollouts(params):
   batch = dict(input_ids=ids, attention_mask=np.where(np.arange(t + n) < t, 1, completion),
                completion_mask=completion,
                advantages=np.array([1.0, -1.0, 0.5, -0.5, 1.2, -0.8, 0.3, -0.7], np.float32))
-  from atlas_jax.rl.update import token_logps
+  from atlas_jax.run.logprobs import token_logps
   logp, _ = token_logps(CONFIG, params, batch, chunk=64)
   batch["old_logp"] = batch["sampler_logp"] = logp
   return batch
@@ -166,7 +166,7 @@ def test_variant_fields_reach_the_loss():
 def test_the_completion_window_matches_every_position():
   """completion_length (the rollout layout) runs the LM head on the completion's positions
   only: the same log-probs there, 0 before them, and the same loss and gradient."""
-  from atlas_jax.rl.update import token_logps
+  from atlas_jax.run.logprobs import token_logps
   params = init_params(CONFIG, jax.random.key(0))
   batch = _rollouts(params)
   n = 112

@@ -8,7 +8,7 @@ import torch
 
 from atlas_jax import hf
 from atlas_jax.model import vlm
-from atlas_jax.rl.sampler import Sampler, SamplerSettings
+from atlas_jax.sampler import Sampler, SamplerSettings
 from tests import factories as F
 
 NAME = "gqa2_wide_window"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from atlas_jax.data import synthetic
-from atlas_jax.train.loop import train_sft
+from atlas_jax.sft.loop import train_sft
 from configs import sft as sft_config
 from tests import factories
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, init_params
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train.setup import validate_config
-from atlas_jax.train.sft import sft_step
-from atlas_jax.train.state import TrainState
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.config import validate as validate_config
+from atlas_jax.sft.update import sft_step
+from atlas_jax.run.state import TrainState
 from configs import sft as sft_config
 
 CONFIG = ModelConfig(

@@ -147,8 +147,6 @@ def mirror(rng: np.random.Generator):
 
 FAMILIES = {"line_length": line_length, "count": count, "region": region,
             "relation": relation, "mirror": mirror}
-TASK_TOKENS = {"line_length": "<|Line|>", "count": "<|Text|>", "region": "<|Shape|>",
-               "relation": "<|Arrow|>", "mirror": "<|Manip|>"}
 
 
 def generate(family: str, rng: np.random.Generator):

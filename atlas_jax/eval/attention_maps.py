@@ -24,12 +24,16 @@ import math
 import os
 import re
 import textwrap
-import types
 
 import jax
 import numpy as np
+from PIL import Image
 
+from atlas_jax import multihost, sharding
+from atlas_jax.data import schema
+from atlas_jax.eval import evaluator
 from atlas_jax.model import get_rope_index, vlm
+from atlas_jax.sampler import SamplerSettings, make_sampler
 
 _TOKEN = re.compile(r"<\|[^|<>]*\|>")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -202,24 +206,19 @@ def _safe_name(record_id: str, used: set) -> str:
 
 
 def _greedy_sampler(model, settings):
-  """The evaluator's greedy sampler (the RL rollout code) for `settings.max_new_tokens`."""
-  from atlas_jax.rl.loop import sampler_for
-  rl = types.SimpleNamespace(max_new_tokens=settings.max_new_tokens, temperature=1.0,
-                             top_k=0, top_p=1.0, group_size=1)
-  return sampler_for(model, rl, greedy=True, group_size=1)
+  """A greedy sampler (the RL rollout code) for `settings.max_new_tokens`."""
+  return make_sampler(model.model_config, model.tokenizer,
+                      SamplerSettings(max_new_tokens=settings.max_new_tokens, greedy=True))
 
 
 def _generate(model, params, sampler, renderer, rows: int, rendered: dict, seed: int):
   """Greedy completion ids int32[C] of one rendered prompt, the stop token included (the
   batch is `rows` copies of it: one per batch shard of the mesh)."""
-  from atlas_jax import sharding
-  from atlas_jax.rl import rollout
-  from atlas_jax.train import setup
   batch = renderer.collate([rendered] * rows)
-  with sharding.with_rules(model.mesh, sharding.SAMPLING_RULES):
-    out = sampler.sample(params, setup.host_batch_to_device(batch, model.mesh),
+  with sharding.with_rules(model.mesh, sharding.RULES):
+    out = sampler.sample(params, multihost.host_batch_to_device(batch, model.mesh),
                          jax.random.key(seed))
-  tokens, mask = (rollout.local_rows(out[k])[0] for k in ("tokens", "mask"))
+  tokens, mask = (multihost.local_rows(out[k])[0] for k in ("tokens", "mask"))
   return tokens[mask == 1].astype(np.int32)
 
 
@@ -259,10 +258,6 @@ def write_maps(model, params, items, settings, *, output_dir: str, layers: tuple
     trajectory: "auto" (the row's trajectory when it has one, else generated greedily),
       "given" (rows without one are skipped) or "generate".
   """
-  from PIL import Image
-
-  from atlas_jax.data import schema
-  from atlas_jax.eval import evaluator
   if trajectory not in TRAJECTORY_MODES:
     raise ValueError(f"trajectory {trajectory!r} is not one of {TRAJECTORY_MODES}")
   if jax.process_count() > 1:

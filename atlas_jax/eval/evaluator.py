@@ -18,17 +18,15 @@ import dataclasses
 import json
 import math
 import time
-import types
 
 import jax
 import numpy as np
 
-from atlas_jax import sharding
-from atlas_jax.data import chat, pipeline, schema
+from atlas_jax import multihost, sharding
+from atlas_jax import sampler as sampler_lib
+from atlas_jax.data import pipeline, schema
 from atlas_jax.eval import extract, prompts, report
 from atlas_jax.eval.benchmarks import Item
-from atlas_jax.rl import rollout
-from atlas_jax.train import setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,33 +35,40 @@ class Settings:
   completions per row at `temperature` and reports pass@k. The data limits are the run's
   (config.data); `prompt_suffix` is the native suffix of JSONL rows."""
 
-  batch_size: int = 16
-  prompt: str = "native"
-  prompt_suffix: str = chat.BOXED_SUFFIX
-  samples: int = 1
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 128
-  seed: int = 0
-  min_pixels: int = 28 * 28 * 4
-  max_pixels: int = 28 * 28 * 36
-  max_length: int = 384
-  length_buckets: tuple[int, ...] = (128, 256, 384)
-  max_images: int = 1
-  max_patches: int = 144
-  subtasks: tuple[str, ...] = ()
+  batch_size: int
+  prompt: str
+  prompt_suffix: str
+  samples: int
+  temperature: float
+  top_k: int
+  top_p: float
+  max_new_tokens: int
+  seed: int
+  min_pixels: int
+  max_pixels: int
+  max_length: int
+  length_buckets: tuple[int, ...]
+  max_images: int
+  max_patches: int
+  subtasks: tuple[str, ...]
 
   @property
   def greedy(self) -> bool:
     return self.samples == 1
+
+  @property
+  def sampling(self) -> sampler_lib.SamplerSettings:
+    return sampler_lib.SamplerSettings(
+        max_new_tokens=self.max_new_tokens, samples_per_prompt=self.samples,
+        temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+        greedy=self.greedy)
 
   @classmethod
   def from_config(cls, c, **changes) -> Settings:
     """From a run config: data limits from config.data, sampling from config.rl, the rest
     from config.eval when the config has it; `changes` win."""
     d, rl = c.data, c.rl
-    kw = dict(prompt_suffix=d.prompt_suffix, temperature=rl.temperature, top_k=rl.top_k,
+    kw = dict(prompt="native", subtasks=(), samples=1, prompt_suffix=d.prompt_suffix, temperature=rl.temperature, top_k=rl.top_k,
               top_p=rl.top_p, max_new_tokens=rl.max_new_tokens, seed=c.seed,
               min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_length=d.max_length,
               length_buckets=tuple(d.length_buckets), max_images=d.max_images,
@@ -132,19 +137,6 @@ class _Renderer:
     return out, text
 
 
-def _gather(obj):
-  """Every process's JSON-able `obj`, as a list in process order (a collective)."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-  blob = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
-  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:blob.size] = blob
-  blobs = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(b[:n].tobytes()) for b, n in zip(blobs, sizes)]
-
-
 def evaluate(model, params, items: list[Item], settings: Settings, *, output_dir: str = "",
              skipped=None, progress: bool = True, plot: bool = True, info=None) -> dict:
   """Scores `items` and returns the summary (`report.summarize`); with `output_dir`,
@@ -158,7 +150,6 @@ def evaluate(model, params, items: list[Item], settings: Settings, *, output_dir
     skipped: rows the reader skipped, {reason: count}, added to the report.
     info: extra JSON fields for the summary (checkpoint, data file, ...).
   """
-  from atlas_jax.rl.loop import sampler_for
   settings.check(model.mesh)
   if not items:
     raise ValueError("the benchmark has no usable rows to evaluate"
@@ -169,15 +160,12 @@ def evaluate(model, params, items: list[Item], settings: Settings, *, output_dir
   n_batches = math.ceil(math.ceil(len(items) / procs) / local)
   buckets = settings.length_buckets if procs == 1 else settings.length_buckets[-1:]
   renderer = _Renderer(model.tokenizer, settings, buckets, local)
-  rl = types.SimpleNamespace(  # the rl-config fields sampler_for reads
-      max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-      top_k=settings.top_k, top_p=settings.top_p, group_size=settings.samples)
-  sampler = sampler_for(model, rl, greedy=settings.greedy, group_size=settings.samples)
+  sampler = sampler_lib.make_sampler(model.model_config, model.tokenizer, settings.sampling)
   k, tokens = settings.samples, tuple(model.table.tokens)
   rows, local_skipped, filler = [], collections.Counter(), None
   generated, t0 = 0, time.perf_counter()
   bar = _progress(n_batches, enabled=progress and me == 0)
-  with sharding.with_rules(model.mesh, sharding.SAMPLING_RULES):
+  with sharding.with_rules(model.mesh, sharding.RULES):
     for b in range(n_batches):
       examples, kept = [], []
       for i in shard[b * local:(b + 1) * local]:
@@ -193,9 +181,9 @@ def evaluate(model, params, items: list[Item], settings: Settings, *, output_dir
       batch = renderer.collate(examples)
       batch["valid"][len(kept):] = 0
       key = jax.random.fold_in(jax.random.key(settings.seed), b)
-      out = sampler.sample(params, setup.host_batch_to_device(batch, model.mesh), key)
-      out = {name: rollout.local_rows(out[name]) for name in ("tokens", "mask")}
-      texts = rollout.decode_completions(model.tokenizer, out["tokens"], out["mask"])
+      out = sampler.sample(params, multihost.host_batch_to_device(batch, model.mesh), key)
+      out = {name: multihost.local_rows(out[name]) for name in ("tokens", "mask")}
+      texts = sampler_lib.decode_completions(model.tokenizer, out["tokens"], out["mask"])
       lengths = out["mask"].sum(1)
       generated += int(lengths.sum())
       for r, (i, text) in enumerate(kept):
@@ -204,7 +192,7 @@ def evaluate(model, params, items: list[Item], settings: Settings, *, output_dir
       bar.update(1)
   bar.close()
   seconds = time.perf_counter() - t0
-  gathered = _gather({"rows": rows, "skipped": dict(local_skipped), "tokens": generated})
+  gathered = multihost.gather_json({"rows": rows, "skipped": dict(local_skipped), "tokens": generated})
   all_rows = sorted((r for g in gathered for r in g["rows"]), key=lambda r: r["index"])
   render_skipped = collections.Counter(skipped or {})
   for g in gathered:

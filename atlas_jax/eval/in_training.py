@@ -11,46 +11,13 @@ scores it, and `model.init_checkpoint=<workdir>/best` starts RL from it.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import jax
 
-from atlas_jax import sharding
-from atlas_jax.eval import benchmarks, evaluator, prompts, report
-
-_METRICS = ("accuracy", "category_mean", "subtask_mean", "extraction_failure_rate",
-            "answers_with_functional_tokens", "mean_length", "functional_per_answer")
-
-
-def validate(c) -> None:
-  """Stops before any work with one sentence naming the bad config.eval field."""
-  e = c.eval
-  if not os.path.isfile(e.data):
-    raise ValueError(f"config.eval.data {e.data!r} does not exist")
-  if e.format not in benchmarks.FORMATS:
-    raise ValueError(f"config.eval.format {e.format!r} is not one of {benchmarks.FORMATS}")
-  if e.prompt not in prompts.PROMPTS:
-    raise ValueError(f"config.eval.prompt {e.prompt!r} is not one of {prompts.PROMPTS}")
-  for field in ("every", "max_rows", "max_new_tokens"):
-    if e[field] < 0:
-      raise ValueError(f"config.eval.{field} {e[field]} must be >= 0")
-  if e.batch_size < 1:
-    raise ValueError(f"config.eval.batch_size {e.batch_size} must be >= 1")
-  try:
-    mesh = sharding.resolve_mesh_shape(dict(c.mesh), jax.device_count())
-  except ValueError:
-    mesh = None  # the run's own mesh check names the problem
-  if mesh:
-    ways = math.lcm(mesh["data"] * mesh["fsdp"], jax.process_count())
-    if e.batch_size % ways:
-      raise ValueError(f"config.eval.batch_size {e.batch_size} must be a multiple of {ways} "
-                       "(the mesh's data x fsdp batch shards and the processes)")
-  name = e.keep_best.lstrip("-")
-  if e.keep_best and not (name in _METRICS or name.startswith(("accuracy/", "pass@"))):
-    raise ValueError(f"config.eval.keep_best {e.keep_best!r} is not one of {_METRICS}, "
-                     "accuracy/<category> or pass@k (a leading '-' keeps the lowest)")
-
+from atlas_jax import checkpoint as checkpoint_lib
+from atlas_jax.eval import benchmarks, evaluator, report
+from atlas_jax.run import setup
 
 class TrainingEval:
   """Built once before training (`create`); `maybe_run` after each step."""
@@ -66,7 +33,6 @@ class TrainingEval:
     the run before it starts)."""
     if "eval" not in c or not c.eval.data:
       return None
-    validate(c)
     items, skipped = benchmarks.read(c.eval.data, format=c.eval.format,
                                      image_root=c.data.image_root, max_rows=c.eval.max_rows,
                                      allowed_tokens=tuple(c.functional_tokens.tokens))
@@ -95,8 +61,6 @@ class TrainingEval:
     return metrics
 
   def _keep_best(self, run, state, step: int, metrics: dict) -> None:
-    from atlas_jax import checkpoint as checkpoint_lib
-    from atlas_jax.train.run import checkpoint_extra
     key = self.config.eval.keep_best
     name, sign = key.lstrip("-"), -1.0 if key.startswith("-") else 1.0
     if name not in metrics:
@@ -112,7 +76,7 @@ class TrainingEval:
     directory = os.path.join(run.workdir, "best")
     with checkpoint_lib.Checkpointer(directory, save_every=1, keep=1,
                                      async_save=False) as ckpt:
-      ckpt.save(step, state, extra=checkpoint_extra(run), force=True)
+      ckpt.save(step, state, extra=setup.checkpoint_extra(run), force=True)
     self.best = {"step": step, "metric": name, "value": value}
     if jax.process_index() == 0:
       with open(record + ".tmp", "w") as f:

@@ -8,7 +8,8 @@ Face directory.
                     functional tokens are added when it lacks them)
 
 Orbax checkpoints bring the config of the run that saved them (data limits, prompt suffix,
-sampling settings); a Hugging Face directory starts from configs/base.py.
+sampling settings); a Hugging Face directory starts from the base config
+(`atlas_jax.config.base_config`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 import ml_collections
 
 from atlas_jax import checkpoint as checkpoint_lib
-from atlas_jax.train import setup
+from atlas_jax.config import base_config
+from atlas_jax.run import setup
 
 _GROUPS = ("model", "tokenizer", "functional_tokens", "data", "rl", "mesh", "eval")
 
@@ -61,7 +63,6 @@ def _merge(base: ml_collections.ConfigDict, saved: dict) -> None:
 
 def config_for(path: str, *, tokenizer: str = "") -> ml_collections.ConfigDict:
   """The run config an evaluation of `path` starts from (unlocked)."""
-  from configs.base import base_config
   c = base_config()
   kind = kind_of(path)
   if kind == "hf":

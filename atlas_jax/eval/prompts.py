@@ -19,10 +19,10 @@ Images are not placed here: without `<image>` markers they open the user turn
 
 from __future__ import annotations
 
+from atlas_jax.config import PROMPTS
 from atlas_jax.data.chat import BOXED_SUFFIX
 from atlas_jax.eval.benchmarks import Item
 
-PROMPTS = ("native", "boxed", "question")
 VLMEVALKIT_INSTRUCTION = "Please select the correct answer from the options above."
 HF_CHOICES = "Select from the following choices."
 

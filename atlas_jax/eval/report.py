@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from atlas_jax.run import plots
+
 # ATLAS's BLINK score: the mean over these subtasks (VLMEvalKit's / the HF dataset's names).
 BLINK_ATLAS = ("Art_Style", "Counting", "Forensic_Detection", "IQ_Test", "Jigsaw",
                "Multi-view_Reasoning", "Spatial_Relation")
@@ -127,5 +129,4 @@ def write(output_dir: str, rows: list[dict], summary: dict, *, plot: bool = True
   with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2, ensure_ascii=False)
   if plot:
-    from atlas_jax.train import plots
     plots.plot_benchmark(summary, os.path.join(output_dir, "summary.png"))

@@ -158,14 +158,17 @@ def _one_block(q, k, v, mask, impl: str, return_probs: bool = False):
   return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
 
 
-def map_chunks(body, xs):
-  """`jax.lax.map` over the query chunks (a module attribute so that the AOT report's cost
-  pass can unroll it: XLA counts a loop's body once)."""
-  return jax.lax.map(body, xs)
+def _map_chunks(body, xs, unroll: bool):
+  """`jax.lax.map` over the query chunks, or (unroll) a Python loop emitting every chunk."""
+  if not unroll:
+    return jax.lax.map(body, xs)
+  n = jax.tree.leaves(xs)[0].shape[0]
+  outs = [body(jax.tree.map(lambda x, i=i: x[i], xs)) for i in range(n)]
+  return jax.tree.map(lambda *x: jnp.stack(x), *outs)
 
 
 def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "xla", *,
-              return_probs: bool = False):
+              return_probs: bool = False, unroll: bool = False):
   """Softmax attention with grouped kv heads; logits and softmax in fp32.
 
   q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S], a `Mask`, or None.
@@ -179,7 +182,8 @@ def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "x
   chunk > 0 and T a multiple of it larger than it ("xla" only): queries are processed
   `chunk` at a time (a `lax.map` of rematerialised blocks), so the fp32 logits held at once
   are [B, N, chunk, S] instead of [B, N, T, S], in the forward and the backward pass.
-  Exact: each query row's softmax sees all of its keys.
+  Exact: each query row's softmax sees all of its keys. unroll (static): the chunks are
+  emitted one by one instead of as a loop (for cost counts: XLA counts a loop body once).
   """
   t = q.shape[1]
   if return_probs:
@@ -191,7 +195,7 @@ def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "x
   blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
   # qm[1] None: no mask
   body = jax.checkpoint(lambda qm: _xla(qm[0], k, v, qm[1], return_probs))
-  out = map_chunks(body, (blocks(q), None if dense is None else blocks(dense)))
+  out = _map_chunks(body, (blocks(q), None if dense is None else blocks(dense)), unroll)
   if not return_probs:
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
   out, probs = out  # probs [n, B, N, chunk, S]

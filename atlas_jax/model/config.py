@@ -95,6 +95,9 @@ class ModelConfig:
   remat: str = "none"
   attention_chunk: int = 0  # >0: decoder queries attend this many at a time (long contexts)
   attention_impl: str = "xla"  # one of _ATTENTION_IMPLS (model/attention.py)
+  # Layer scans and the attention's query-chunk loop emitted unrolled: the AOT report's
+  # cost pass (XLA counts a loop body once). The same computation; never set for a run.
+  unroll_loops: bool = False
   hf_extra: str = "{}"
 
   def __post_init__(self):

@@ -93,13 +93,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "xla", *,
-              return_probs: bool = False):
-  """Softmax attention by implementation; see `atlas_jax.model.attention.attention`."""
-  return attention_lib.attention(q, k, v, mask, chunk=chunk, impl=impl,
-                                 return_probs=return_probs)
-
-
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole layer
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -121,10 +114,12 @@ def maybe_remat(block_cls: type[nn.Module], remat: str, static_argnums=()) -> ty
 ATTENTION_COLLECTION = "attention_weights"
 
 
-def scan_layers(block_cls: type[nn.Module], length: int, in_axes) -> type[nn.Module]:
+def scan_layers(block_cls: type[nn.Module], length: int, in_axes,
+                unroll: bool = False) -> type[nn.Module]:
   """nn.scan over `length` copies of a layer; stacked params get the `layers` axis (and
-  sown attention weights a leading [L] axis)."""
+  sown attention weights a leading [L] axis). unroll (static): every layer emitted in the
+  graph, for cost counts (`ModelConfig.unroll_loops`)."""
   return nn.scan(block_cls, variable_axes={"params": 0, ATTENTION_COLLECTION: 0},
                  split_rngs={"params": True},
-                 in_axes=in_axes, length=length,
+                 in_axes=in_axes, length=length, unroll=length if unroll else 1,
                  metadata_params={nn.PARTITION_NAME: "layers"})

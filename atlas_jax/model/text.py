@@ -35,6 +35,7 @@ class DecoderLayer(nn.Module):
   dtype: jnp.dtype
   attention_chunk: int = 0
   attention_impl: str = "xla"
+  unroll: bool = False
 
   @nn.compact
   def __call__(self, carry, cos, sin, mask, cache_index, layer_index):
@@ -73,8 +74,9 @@ class DecoderLayer(nn.Module):
       attn = attention_lib.grouped(q, k.astype(q.dtype), v.astype(q.dtype),
                                    attention_lib.as_dense(mask), want_probs)
     else:
-      attn = layers.attention(q, k, v, mask, chunk=self.attention_chunk,
-                              impl=self.attention_impl, return_probs=want_probs)
+      attn = attention_lib.attention(q, k, v, mask, chunk=self.attention_chunk,
+                                     impl=self.attention_impl, return_probs=want_probs,
+                                     unroll=self.unroll)
     if want_probs:
       attn, probs = attn
       self.sow(layers.ATTENTION_COLLECTION, "probs", probs)
@@ -97,6 +99,7 @@ class Decoder(nn.Module):
   remat: str = "none"
   attention_chunk: int = 0
   attention_impl: str = "xla"
+  unroll: bool = False  # ModelConfig.unroll_loops
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache_index=None, cache=None):
@@ -108,8 +111,8 @@ class Decoder(nn.Module):
     else:
       layer_index, index_axis = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), 0
     stack = layers.scan_layers(block, cfg.num_hidden_layers,
-                               in_axes=(nn.broadcast,) * 4 + (index_axis,))
-    carry, _ = stack(cfg, self.dtype, self.attention_chunk, self.attention_impl,
+                               in_axes=(nn.broadcast,) * 4 + (index_axis,), unroll=self.unroll)
+    carry, _ = stack(cfg, self.dtype, self.attention_chunk, self.attention_impl, self.unroll,
                      name="layers")(x if cache is None else (x, cache), cos, sin, mask,
                                     cache_index, layer_index)
     x, cache = carry if cache is not None else (carry, None)

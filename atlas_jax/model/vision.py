@@ -71,7 +71,7 @@ class VisionBlock(nn.Module):
     q, k, v = (qkv[:, i][None] for i in range(3))  # [1, P, N, H]
     q, k = layers.apply_rope(q, cos[None], sin[None]), layers.apply_rope(k, cos[None], sin[None])
     segments = attention.Mask(dense=mask[None], segment_ids=seg[None])
-    attn = layers.attention(q, k, v, segments, impl=self.attention_impl)[0]
+    attn = attention.attention(q, k, v, segments, impl=self.attention_impl)[0]
     x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
                          bias_axes=("embed",), dtype=self.dtype, name="out")(attn)
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm2")(x)
@@ -87,6 +87,7 @@ class VisionTower(nn.Module):
   dtype: jnp.dtype
   remat: str = "none"
   attention_impl: str = "xla"
+  unroll: bool = False  # ModelConfig.unroll_loops
 
   @nn.compact
   def __call__(self, pixel_values, image_grid_thw):
@@ -103,7 +104,8 @@ class VisionTower(nn.Module):
     is_full = jnp.zeros((cfg.depth,), bool).at[jnp.asarray(
         cfg.fullatt_block_indexes, jnp.int32)].set(True)
     block = layers.maybe_remat(VisionBlock, self.remat)
-    blocks = layers.scan_layers(block, cfg.depth, in_axes=(nn.broadcast,) * 4 + (0,))
+    blocks = layers.scan_layers(block, cfg.depth, in_axes=(nn.broadcast,) * 4 + (0,),
+                                unroll=self.unroll)
     x, _ = blocks(cfg, self.dtype, self.attention_impl, name="blocks")(x, cos, sin, window_id, frame_id, is_full)
 
     # Patch merger: norm, group each 2x2 unit, MLP to the decoder width.

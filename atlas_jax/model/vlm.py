@@ -41,11 +41,13 @@ class Qwen25VL(nn.Module):
   def setup(self):
     cfg = self.config
     dtype = layers.dtype_of(cfg.dtype)
-    self.visual = VisionTower(cfg.vision, dtype, cfg.remat, cfg.attention_impl)
+    self.visual = VisionTower(cfg.vision, dtype, cfg.remat, cfg.attention_impl,
+                              cfg.unroll_loops)
     self.embed = nn.Embed(
         cfg.text.vocab_size, cfg.text.hidden_size, dtype=dtype, param_dtype=jnp.float32,
         embedding_init=layers.logical_init(layers.DEFAULT_INIT, ("vocab", "embed")))
-    self.decoder = Decoder(cfg.text, dtype, cfg.remat, cfg.attention_chunk, cfg.attention_impl)
+    self.decoder = Decoder(cfg.text, dtype, cfg.remat, cfg.attention_chunk, cfg.attention_impl,
+                           cfg.unroll_loops)
     if not cfg.text.tie_word_embeddings:
       self.lm_head = layers.dense(cfg.text.vocab_size, -1, ("embed", "vocab"), dtype=dtype,
                                   name="lm_head")
@@ -230,6 +232,12 @@ def abstract_params(config: ModelConfig):
 def param_axes(config: ModelConfig):
   """Pytree of logical axis-name tuples (a `PartitionSpec` per leaf) matching the params."""
   return nn.get_partition_spec(_boxed_shapes(config))
+
+
+def param_shardings(mesh, config: ModelConfig, rules=sharding.RULES):
+  """Shardings of the params over `mesh` (logical axes mapped by `rules`; every sharded dim
+  checked for divisibility)."""
+  return sharding.logical_to_shardings(mesh, param_axes(config), rules, abstract_params(config))
 
 
 def _boxed_shapes(config: ModelConfig):

@@ -27,12 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                "seq-mean-token-sum-norm", "dr_grpo")
-KL_ESTIMATORS = ("k1", "k3")
-ANCHORS = ("pg", "nll_pos")
-ADV_STDS = ("sample", "population")
-IMPORTANCE_LEVELS = ("token", "sequence")
+from atlas_jax.config import ADV_STDS, AGGREGATIONS, ANCHORS, IMPORTANCE_LEVELS, KL_ESTIMATORS
 
 
 def _is_zero(x) -> bool:

@@ -23,16 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax import functional_tokens, sharding
+from atlas_jax import config as config_lib
+from atlas_jax import multihost, sharding
 from atlas_jax.data import pipeline
 from atlas_jax.eval import in_training
+from atlas_jax.functional_tokens import TASK_TOKENS
 from atlas_jax.rl import grpo, rollout
 from atlas_jax.rl import rewards as rewards_lib
-from atlas_jax.rl.sampler import Sampler
-from atlas_jax.train import run as run_lib
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import plots, setup
-from atlas_jax.train import steps as steps_lib
+from atlas_jax.rl.update import micro_batches, old_logps_fn, rl_update_fn
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import plots, setup
+from atlas_jax.run.steps import StepCache
+from atlas_jax.sampler import SamplerSettings, decode_completions, make_sampler
 
 _PROMPT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
@@ -45,42 +47,24 @@ def _per_process(name: str, global_count: int) -> int:
   return global_count // n
 
 
-def allowed_ids(tokenizer, cfg):
-  """bool[V]: the ids a rollout may sample: tokens the tokenizer owns, minus the vision
-  placeholders (image/video pads, vision start/end)."""
-  allowed = functional_tokens.owned_ids_mask(tokenizer, cfg.text.vocab_size)
-  for tid in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
-              cfg.vision_end_token_id):
-    allowed[tid] = False
-  return allowed
-
-
-def sampler_for(run, rl, *, greedy: bool = False, group_size: int | None = None) -> Sampler:
-  tok, cfg = run.tokenizer, run.model_config
-  allowed = allowed_ids(tok, cfg)
-  stop = tuple(sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}))
-  settings = steps_lib.sampler_settings(rl, stop_ids=stop, pad_id=tok.pad_token_id,
-                                        greedy=greedy, group_size=group_size)
-  return Sampler(cfg, settings, allowed)
-
-
 def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
   """Greedy rollouts on up to `max_prompts` prompts: accuracy, reward, functional tokens."""
   c = run.config
-  opts = dict(run_lib.data_options(c, run.tokenizer, shuffle=False),
+  opts = dict(setup.data_options(c, run.tokenizer, shuffle=False),
               batch_size=_per_process("rl.eval_batch_size", rl.eval_batch_size))
   iterator = pipeline.rl_pipeline(source, num_epochs=1, **opts)
-  sampler = sampler_for(run, rl, greedy=True, group_size=1)
+  sampler = make_sampler(run.model_config, run.tokenizer,
+                         SamplerSettings.from_rl(rl, greedy=True, samples_per_prompt=1))
   totals, comps, func, lengths, tasks, seen = [], {}, [], [], [], 0
   t0, generated = time.perf_counter(), 0
-  with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
+  with sharding.with_rules(run.mesh, sharding.RULES):
     for batch in iterator:
       if seen >= max_prompts:
         break
-      out = sampler.sample(params, setup.host_batch_to_device(batch, run.mesh),
+      out = sampler.sample(params, multihost.host_batch_to_device(batch, run.mesh),
                            jax.random.key(0))
-      out = {k: rollout.local_rows(out[k]) for k in ("tokens", "mask")}
-      texts = rollout.decode_completions(run.tokenizer, out["tokens"], out["mask"])
+      out = {k: multihost.local_rows(out[k]) for k in ("tokens", "mask")}
+      texts = decode_completions(run.tokenizer, out["tokens"], out["mask"])
       samples = rollout.host_samples(batch, 1)
       total, parts = rewards_lib.compute_rewards(texts, samples, reward_cfg,
                                                  num_tokens=out["mask"].sum(1).tolist())
@@ -96,25 +80,32 @@ def evaluate(run, params, source, rl, reward_cfg, *, max_prompts: int) -> dict:
         t0 = time.perf_counter()
       else:
         generated += int(out["mask"].sum())
-  if rollout.global_mean(seen) == 0:
+  if multihost.global_mean(seen) == 0:
     raise ValueError("the evaluation split has no usable prompt "
                      f"({pipeline.report_skipped(iterator.skipped)})")
   elapsed = max(time.perf_counter() - t0, 1e-9)
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
-  result = {"reward": rollout.global_mean(cat(totals)),
-            "functional_per_completion": rollout.global_mean(cat(func)),
-            "completion_length": rollout.global_mean(cat(lengths)),
-            "prompts": rollout.global_mean(seen) * jax.process_count(),
-            "rollout_tokens_per_s": rollout.global_mean(generated) * jax.process_count()
+  result = {"reward": multihost.global_mean(cat(totals)),
+            "functional_per_completion": multihost.global_mean(cat(func)),
+            "completion_length": multihost.global_mean(cat(lengths)),
+            "prompts": multihost.global_mean(seen) * jax.process_count(),
+            "rollout_tokens_per_s": multihost.global_mean(generated) * jax.process_count()
             / elapsed}
-  result.update({k: rollout.global_mean(cat(v)) for k, v in sorted(comps.items())})
+  result.update({k: multihost.global_mean(cat(v)) for k, v in sorted(comps.items())})
   if "accuracy" in comps:  # per task family (the same list on every process)
     acc, tasks = cat(comps["accuracy"]), np.asarray(tasks)
-    for t in sorted(rewards_lib.TASK_TOKENS):
-      value = rollout.global_mean(acc[tasks == t])
+    for t in sorted(TASK_TOKENS):
+      value = multihost.global_mean(acc[tasks == t])
       if not np.isnan(value):
         result[f"accuracy/{t}"] = value
   return result
+
+
+def evaluate_held_out(run, params, c) -> dict:
+  """`evaluate` on the run's held-out ("test") split: rl.eval_prompts prompts, rewards by
+  config.rl.reward."""
+  source = pipeline.open_source(run.data_report, "test")
+  return evaluate(run, params, source, c.rl, c.rl.reward, max_prompts=c.rl.eval_prompts)
 
 
 @jax.jit
@@ -131,13 +122,13 @@ def _draw(run, rl, sampler, iterator, params, key, sampled: dict, i: int):
   penalty included), reward_<component>, text). `sampled` adds up tokens and seconds."""
   t0 = time.perf_counter()
   prompts_host = next(iterator)
-  prompts = setup.host_batch_to_device(prompts_host, run.mesh)
-  with sharding.with_rules(run.mesh, sharding.SAMPLING_RULES):
+  prompts = multihost.host_batch_to_device(prompts_host, run.mesh)
+  with sharding.with_rules(run.mesh, sharding.RULES):
     out = sampler.sample(params, prompts, key if i == 0 else jax.random.fold_in(key, i))
-  host = {k: rollout.local_rows(out[k]) for k in ("tokens", "mask")}
+  host = {k: multihost.local_rows(out[k]) for k in ("tokens", "mask")}
   sampled["seconds"] += time.perf_counter() - t0
   sampled["tokens"] += int(host["mask"].sum())
-  texts = rollout.decode_completions(run.tokenizer, host["tokens"], host["mask"])
+  texts = decode_completions(run.tokenizer, host["tokens"], host["mask"])
   samples = rollout.host_samples(prompts_host, rl.group_size)
   lengths = host["mask"].sum(1)
   total, parts = rewards_lib.compute_rewards(texts, samples, rl.reward,
@@ -151,31 +142,33 @@ def _draw(run, rl, sampler, iterator, params, key, sampled: dict, i: int):
   return prompts_host, prompts, out, host
 
 
-def train_rl(c, workdir: str):
-  """Runs (or resumes) LA-GRPO in `workdir`. Returns (final TrainState, last metrics, Run)."""
+def train_rl(c, workdir: str, cache: StepCache | None = None):
+  """Runs (or resumes) LA-GRPO in `workdir`; `cache` shares built steps between runs in one
+  process. Returns (final TrainState, last metrics, Run)."""
+  config_lib.validate(c)
   rl = c.rl
   per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
   evals = in_training.TrainingEval.create(c)  # config.eval; None when off
-  run, params = run_lib.start(c, workdir, c.train.steps)
+  run, params = setup.start(c, workdir, c.train.steps)
   ref_params = jax.tree.map(jnp.copy, params) if rl.beta > 0 else None
-  optim = run_lib.resolve_optim(c)
+  optim = setup.resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)
   schedule = optimizer_lib.learning_rate_schedule(optim)
-  state, state_sh = run_lib.create_state(run, params, optimizer)
+  state, state_sh = setup.create_state(run, params, optimizer)
   source = pipeline.open_source(run.data_report, "train")
-  opts = dict(run_lib.data_options(c, run.tokenizer),
+  opts = dict(setup.data_options(c, run.tokenizer),
               batch_size=_per_process("rl.prompts_per_step", rl.prompts_per_step))
   iterator = pipeline.rl_pipeline(source, **opts)
-  state = run_lib.maybe_restore(run, state, state_sh, iterator)
-  sampler = sampler_for(run, rl)
+  state = setup.maybe_restore(run, state, state_sh, iterator)
+  sampler = make_sampler(run.model_config, run.tokenizer, SamplerSettings.from_rl(rl))
   functional_ids = jnp.asarray(run.table.id_array)
-  old_logps = steps_lib.old_logps_fn(c, run.model_config)
-  update = steps_lib.rl_update_fn(c, run.model_config, run.mesh, optimizer, state_sh,
-                                  functional_ids)
+  old_logps = old_logps_fn(c, run.model_config, cache=cache)
+  update = rl_update_fn(c, run.model_config, run.mesh, optimizer, state_sh, functional_ids,
+                        cache=cache)
 
   last: dict = {}
   start_step = int(state.step)
-  end = run_lib.stop_step(c, start_step)
+  end = setup.stop_step(c, start_step)
   for step in range(start_step // per_rollout, end // per_rollout):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.step_key(), 1)
@@ -184,26 +177,26 @@ def train_rl(c, workdir: str):
     if rl.dynamic_sampling:
       def draw_rows(i):
         prompts_host, _, out, host = draw(i)
-        host["logps"] = rollout.local_rows(out["logps"])
+        host["logps"] = multihost.local_rows(out["logps"])
         return {k: prompts_host[k] for k in _PROMPT_FIELDS if k in prompts_host}, host
       prompt_rows, host, ds = rollout.fill_groups(
           draw_rows, groups_needed=opts["batch_size"], group_size=rl.group_size,
           max_draws=rl.dynamic_sampling_max_draws,
           pad_values={"input_ids": run.tokenizer.pad_token_id})
-      prompts = {k: rollout.to_global_rows(v, run.mesh) for k, v in prompt_rows.items()}
-      out = {k: rollout.to_global_rows(host[k], run.mesh) for k in ("tokens", "mask", "logps")}
-      ds_metrics = {f"dynamic_sampling_{k}": rollout.global_mean(v) for k, v in ds.items()}
+      prompts = {k: multihost.to_global_rows(v, run.mesh) for k, v in prompt_rows.items()}
+      out = {k: multihost.to_global_rows(host[k], run.mesh) for k in ("tokens", "mask", "logps")}
+      ds_metrics = {f"dynamic_sampling_{k}": multihost.global_mean(v) for k, v in ds.items()}
     else:
       _, prompts, out, host = draw(0)
       ds_metrics = {}
     total, mask, texts = host["reward"], host["mask"], list(host["text"])
     parts = {k[len("reward_"):]: v for k, v in host.items() if k.startswith("reward_")}
-    advantages = rollout.to_global_rows(np.asarray(grpo.group_advantages(
+    advantages = multihost.to_global_rows(np.asarray(grpo.group_advantages(
         jnp.asarray(total), rl.group_size, scale_by_std=rl.scale_adv_by_std,
         std=rl.adv_std)), run.mesh)
     batch = rollout.assemble(prompts, out, advantages, group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
-      micro = steps_lib.micro_batches(batch, optim.grad_accum, run.mesh)
+      micro = micro_batches(batch, optim.grad_accum, run.mesh)
       for mb in micro:
         mb["old_logp"], _ = old_logps(state.params, mb)
         if ref_params is not None:
@@ -214,13 +207,13 @@ def train_rl(c, workdir: str):
           state, m = update(state, mb)
           metrics.append(m)
     m = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[0]}
-    m.update(reward=rollout.global_mean(total),
-             **{f"reward_{k}": rollout.global_mean(v) for k, v in parts.items()},
-             functional_per_completion=rollout.global_mean(
+    m.update(reward=multihost.global_mean(total),
+             **{f"reward_{k}": multihost.global_mean(v) for k, v in parts.items()},
+             functional_per_completion=multihost.global_mean(
                  rollout.functional_counts(texts, run.table.tokens)),
-             completion_length=rollout.global_mean(mask.sum(1)),
+             completion_length=multihost.global_mean(mask.sum(1)),
              logp_drift=float(np.mean([float(_logp_drift(mb)) for mb in micro])),
-             rollout_tokens_per_s=rollout.global_mean(sampled["tokens"])
+             rollout_tokens_per_s=multihost.global_mean(sampled["tokens"])
              * jax.process_count() / max(sampled["seconds"], 1e-9), **ds_metrics,
              step_seconds=time.perf_counter() - t0,
              learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
@@ -229,7 +222,7 @@ def train_rl(c, workdir: str):
       run.writer.write(done, m, prefix="rl")
     last = m
     run.checkpointer.save(done, state, data_state=iterator.get_state(),
-                          extra=run_lib.checkpoint_extra(run), force=done >= end)
+                          extra=setup.checkpoint_extra(run), force=done >= end)
     if evals is not None:
       evals.maybe_run(run, state, done, end, stride=per_rollout)
     if done % c.train.log_every < per_rollout or done >= end:

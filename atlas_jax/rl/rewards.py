@@ -28,18 +28,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 import re
 from typing import Callable
 
 import ml_collections
 import numpy as np
 
-from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
-
-TASK_TOKENS = {"line_length": "<|Line|>", "count": "<|Text|>", "region": "<|Shape|>",
-               "relation": "<|Arrow|>", "mirror": "<|Manip|>"}
-ANSWER_TYPES = ("choice", "number", "text")
+from atlas_jax import config as config_lib
+from atlas_jax.answers import ANSWER_TYPES, BOX, box_end, extract_boxed, match_answer
+from atlas_jax.functional_tokens import TASK_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,171 +68,8 @@ class Sample:
 
 
 def default_reward_config() -> ml_collections.ConfigDict:
-  """The reward settings of `configs/base.py` (`c.rl.reward`), for use outside a recipe."""
-  return ml_collections.ConfigDict(dict(
-      weights=dict(accuracy=1.0, format=0.2, functional=0.2, spam_penalty=0.2,
-                   length_penalty=0.1),
-      max_functional_tokens=6, length_budget=256, functional_tokens=FUNCTIONAL_TOKENS))
-
-
-# ---------------------------------------------------------------------------------------
-# Answers
-
-_BOX = "\\boxed{"
-_BRACE = re.compile(r"\\[{}]|[{}]")  # escaped braces \{ \} do not count
-
-
-def _box_end(text: str, start: int) -> int | None:
-  """Index of the `}` closing the brace opened just before `start`; None if unbalanced."""
-  depth = 1
-  for m in _BRACE.finditer(text, start):
-    tok = m.group()
-    if len(tok) == 1:
-      depth += 1 if tok == "{" else -1
-      if not depth:
-        return m.start()
-  return None
-
-
-def extract_boxed(text: str) -> str | None:
-  """Content of the last \\boxed{...} (nested braces balanced); None if absent or unbalanced.
-
-  A truncated last box gives None even if an earlier box is complete: the final answer is
-  the last one written.
-  """
-  i = text.rfind(_BOX)
-  if i < 0:
-    return None
-  start = i + len(_BOX)
-  end = _box_end(text, start)
-  return None if end is None else text[start:end]
-
-
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname"
-                      r"|boxed)\s*\{([^{}]*)\}")
-_NOISE = re.compile(r"\$|\\[()\[\],!;: ]|\\left|\\right|\^\s*\{?\\circ\}?|°")
-
-
-def _unwrap(s: str) -> str:
-  """Drops math delimiters, spacing commands, degree signs and \\text{}-like wrappers."""
-  s = s.replace("\\%", "%").replace("\u2212", "-")
-  while True:
-    t = _WRAPPER.sub(r"\1", s)
-    if t == s:
-      break
-    s = t
-  return _NOISE.sub(" ", s).strip()
-
-
-def _normalise(s: str) -> str:
-  """Lowercase words without articles, punctuation or extra spaces ("The top-left." ->
-  "top left")."""
-  s = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", _unwrap(s).lower())
-  s = re.sub(r"[^\w\s.%+-]", " ", s)
-  s = re.sub(r"\b(?:a|an|the)\b", " ", s)
-  return " ".join(s.split()).strip(" .")
-
-
-def _same_text(a: str, b: str) -> bool:
-  na, nb = _normalise(a), _normalise(b)
-  return na == nb if na or nb else a.strip().lower() == b.strip().lower()
-
-
-_REAL = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?"
-_PLAIN = re.compile(rf"({_REAL})(?:\s*([a-z]+)\.?)?")  # a unit may follow: "5 cm"
-_FRAC = re.compile(rf"(-?)\\[dt]?frac\s*\{{\s*({_REAL})\s*\}}\s*\{{\s*({_REAL})\s*\}}"
-                   rf"|({_REAL})\s*/\s*({_REAL})")
-
-
-def _real(s: str) -> float:
-  return float(s.replace(",", ""))
-
-
-def _number(s: str) -> tuple[float, bool, str] | None:
-  """(value, is_percent, unit) of a numeric answer, or None.
-
-  Reads `3`, `-2.5`, `1,000` (comma only as thousands separator), `1e-3`, `\\frac{1}{2}`,
-  `1/2`, `50%`, `$x = 5$` (the right side of the last `=`), `90^\\circ`, `5 cm`.
-  """
-  s = _unwrap(s).lower()
-  s = s.rsplit("=", 1)[-1].strip().rstrip(".")
-  percent = s.endswith("%")
-  s = s.rstrip("%").strip()
-  m = _FRAC.fullmatch(s)
-  if m:
-    if m.group(2) is not None:
-      num, den, sign = _real(m.group(2)), _real(m.group(3)), -1.0 if m.group(1) else 1.0
-    else:
-      num, den, sign = _real(m.group(4)), _real(m.group(5)), 1.0
-    return (sign * num / den, percent, "") if den else None
-  m = _PLAIN.fullmatch(s)
-  return (_real(m.group(1)), percent, m.group(2) or "") if m else None
-
-
-def _same_number(p, g, rel_tol: float, abs_tol: float) -> bool:
-  """Units must agree when both sides name one. A percent on one side only matches
-  either reading: 50% = 0.5 and 50% = 50."""
-  close = lambda a, b: math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
-  (pv, pp, pu), (gv, gp, gu) = p, g
-  if pu and gu and pu != gu:
-    return False
-  if pp == gp:
-    return close(pv, gv)
-  pct, other = (pv, gv) if pp else (gv, pv)
-  return close(pct, other) or close(pct / 100, other)
-
-
-_LETTER = re.compile(r"(?:(?:the\s+)?(?:answer|option|choice)(?:\s+is)?\s*:?\s*)?"
-                     r"(?:\(([a-z])\)|([a-z])(?:[.:)]|(?=\s*$)))\s*(.*)", re.I | re.S)
-
-
-def _letter(s: str) -> tuple[str, str] | None:
-  """(upper-case letter, rest) of `B`, `(b)`, `B.`, `Option B`, `(B) 5`, `B: 5`; else None."""
-  m = _LETTER.fullmatch(s.strip())
-  return ((m.group(1) or m.group(2)).upper(), m.group(3).strip()) if m else None
-
-
-def match_answer(pred: str | None, gold: str, answer_type: str | None = None,
-                 choices=None, *, rel_tol: float = 1e-4, abs_tol: float = 1e-6) -> bool:
-  """Whether a predicted answer equals the gold one.
-
-  choice: the gold is a letter (or the text of one of `choices`); the prediction may be
-    the letter in any common form (`B`, `(B)`, `b.`, `Option B`, `(B) 5` where the text
-    must then agree), or the text of the gold choice (gold `B`, choices `3 5 7 9`: `5`).
-  number: |p - g| <= max(rel_tol * max(|p|, |g|), abs_tol) (see `_number` for the forms);
-    a percent on one side only matches either reading (`50%` = `0.5` = `50`).
-  text: equality after dropping case, spacing, punctuation, articles and \\text{} wrappers.
-  None infers: choice if the gold is a single letter or one of `choices`, number if gold
-  and prediction both read as numbers, else text.
-  """
-  if pred is None or not pred.strip():
-    return False
-  gold_letter = _letter(gold)
-  k = None
-  if gold_letter and not gold_letter[1]:
-    k = ord(gold_letter[0]) - ord("A")
-  elif choices:
-    k = next((i for i, c in enumerate(choices) if _same_text(c, gold)), None)
-  if answer_type is None:
-    answer_type = "choice" if k is not None else "text"
-    if answer_type == "text" and _number(gold) and _number(pred):
-      answer_type = "number"
-  if answer_type == "choice":
-    if k is None:
-      return _same_text(pred, gold)
-    choice_text = choices[k] if choices and k < len(choices) else None
-    p = _letter(pred)
-    if p and p[0] == chr(ord("A") + k):
-      return (not p[1] or choice_text is None
-              or match_answer(p[1], choice_text, rel_tol=rel_tol, abs_tol=abs_tol))
-    return (choice_text is not None and p is None
-            and match_answer(pred, choice_text, rel_tol=rel_tol, abs_tol=abs_tol))
-  if answer_type == "number":
-    p, g = _number(pred), _number(gold)
-    return p is not None and g is not None and _same_number(p, g, rel_tol, abs_tol)
-  if answer_type == "text":
-    return _same_text(pred, gold)
-  raise ValueError(f"answer_type {answer_type!r} is not one of {ANSWER_TYPES}")
+  """The reward settings of the base config (`c.rl.reward`), for use outside a recipe."""
+  return config_lib.base_config().rl.reward
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,9 +116,9 @@ def format_reward(completion: str, sample: Sample, cfg) -> float:
     return 0.0
   tokens = tuple(cfg.functional_tokens)
   used = _tokens_used(completion, cfg)
-  box = completion.rfind(_BOX)
-  end = _box_end(completion, box + len(_BOX)) if box >= 0 else None
-  box_ok = (end is not None and completion.count(_BOX) == 1
+  box = completion.rfind(BOX)
+  end = box_end(completion, box + len(BOX)) if box >= 0 else None
+  box_ok = (end is not None and completion.count(BOX) == 1
             and (not used or box > used[-1].end())
             and _TAIL.fullmatch(completion, end + 1) is not None)
   before = completion[:box] if box >= 0 else completion

@@ -1,7 +1,7 @@
 """From a batch of prompts to a scored rollout batch ready for the LA-GRPO update.
 
 Only completion ids cross to the host (for decoding and rewards), and each process takes
-only its own rows (`local_rows`): a multi-host run never reads arrays another host holds.
+only its own rows (`multihost.local_rows`): a multi-host run never reads arrays another host holds.
 Everything else stays on device, except under DAPO's dynamic sampling (`fill_groups`),
 where the kept groups' prompt and rollout rows are gathered on the host and sent back.
 Letters as in `update.py`: R = B * G rollouts, T prompt length, N new tokens.
@@ -15,41 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from atlas_jax import multihost
+from atlas_jax.functional_tokens import TASK_TOKENS
 from atlas_jax.rl import rewards as rewards_lib
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in global row order: the rows of
-  the prompts this process fed in (all rows in a single-process run)."""
-  if x.is_fully_addressable:
-    return np.asarray(jax.device_get(x))
-  shards = {}
-  for shard in x.addressable_shards:  # replicas (tensor axis) share a start row
-    shards.setdefault(shard.index[0].start or 0, shard.data)
-  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
-
-
-def to_global_rows(local: np.ndarray, mesh) -> jax.Array:
-  """Inverse of `local_rows`: each process's rows into one batch-sharded global array."""
-  from atlas_jax import sharding
-  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim),
-                                                local)
-
-
-def global_mean(x) -> float:
-  """Mean over every process's values (a host-side scalar for logging)."""
-  x = np.asarray(x, np.float64).reshape(-1)
-  sums = np.array([x.sum(), x.size])
-  if jax.process_count() > 1:  # every process calls this, in the same order
-    from jax.experimental import multihost_utils
-    sums = multihost_utils.process_allgather(sums).sum(0)
-  return float(sums[0] / sums[1]) if sums[1] else float("nan")
-
-
-def decode_completions(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-  """Completion texts; special tokens (e.g. <|im_end|>) dropped, functional tokens kept."""
-  return [tokenizer.decode(row[m == 1].tolist(), skip_special_tokens=True)
-          for row, m in zip(tokens, mask)]
 
 
 def host_samples(batch: dict, group_size: int) -> list[rewards_lib.Sample]:
@@ -62,7 +30,7 @@ def host_samples(batch: dict, group_size: int) -> list[rewards_lib.Sample]:
         answer=str(batch["answer"][i]),
         answer_type=(batch["answer_type"][i] or None) if "answer_type" in batch else None,
         choices=tuple(choices) if choices else None, task=task,
-        expected_tokens=((rewards_lib.TASK_TOKENS[task],) if task in rewards_lib.TASK_TOKENS
+        expected_tokens=((TASK_TOKENS[task],) if task in TASK_TOKENS
                          else None))
     samples += [sample] * group_size
   return samples
@@ -73,13 +41,6 @@ def informative_groups(rewards, group_size: int) -> np.ndarray:
   dynamic-sampling filter, verl's `std > 0`); an all-equal group has zero advantages."""
   groups = np.asarray(rewards).reshape(-1, group_size)
   return groups.max(axis=1) != groups.min(axis=1)
-
-
-def _all_processes(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.process_allgather(np.array([bool(flag)])).all())
 
 
 def _take_groups(prompt_rows: dict, rollout_rows: dict, groups, group_size: int):
@@ -133,7 +94,7 @@ def fill_groups(draw, *, groups_needed: int, group_size: int, max_draws: int,
         pieces.append(_take_groups(prompt_rows, rollout_rows, idx, group_size))
     n_kept = sum(len(p["reward"]) for _, p in kept) // group_size
     n_dropped = sum(len(p["reward"]) for _, p in dropped) // group_size
-    if _all_processes(n_kept >= groups_needed) or draws >= max_draws:
+    if multihost.all_processes(n_kept >= groups_needed) or draws >= max_draws:
       break
   if n_kept + n_dropped < groups_needed:
     raise ValueError(f"{draws} draws gave {n_kept + n_dropped} groups, fewer than the "

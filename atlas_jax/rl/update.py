@@ -1,13 +1,18 @@
-"""The LA-GRPO update: rollouts in, one optimizer step out.
+"""The LA-GRPO update: rollouts in, one optimizer step out; and the jitted RL steps a recipe
+trains with (the ones `launch.train` runs and `launch.aot_report` compiles).
 
 Letters: R rollouts, T prompt length, N completion length, L = T + N.
 
 A rollout batch is batch-major: `input_ids`/`attention_mask` int32[R, L] (left-padded
 prompt, then the completion), `completion_mask` int32[R, L] (1 on generated tokens),
 `advantages` float32[R], optional `pixel_values` float32[R, P, C] / `image_grid_thw`
-int32[R, I, 3], and per-token arrays in *prediction layout* float32[R, L] (entry j belongs
-to the token at j + 1, the one predicted from position j): `old_logp` (trainer log-probs
-before this batch's updates), `sampler_logp`, optional `ref_logp`.
+int32[R, I, 3], and per-token arrays in the prediction layout (`run.logprobs`) float32[R, L]:
+`old_logp` (trainer log-probs before this batch's updates), `sampler_logp`, optional
+`ref_logp`.
+
+  old_logps_fn     the jitted trainer log-prob pass (the "old" policy, and the reference)
+  rl_update_fn     the jitted LA-GRPO update: (state, rollout batch) -> (state, metrics)
+  micro_batches    a rollout batch split into optim.grad_accum micro-batches
 """
 
 from __future__ import annotations
@@ -16,56 +21,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from atlas_jax.model import rope
+from atlas_jax import sharding
 from atlas_jax.model.config import ModelConfig
 from atlas_jax.rl import grpo
-from atlas_jax.train import sft
-from atlas_jax.train.state import TrainState
-
-
-def with_positions(config: ModelConfig, batch: dict) -> dict:
-  """Adds M-RoPE position_ids int32[R, 3, L] (computed in-graph) if absent."""
-  if "position_ids" in batch:
-    return batch
-  grid = batch.get("image_grid_thw")
-  pos, _ = rope.get_rope_index(
-      batch["input_ids"], batch["attention_mask"], None if grid is None else grid.reshape(-1, 3),
-      image_token_id=config.image_token_id,
-      spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
-  return dict(batch, position_ids=jnp.transpose(pos, (1, 0, 2)))
+from atlas_jax.run import logprobs
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import steps as steps_lib
+from atlas_jax.run.state import TrainState
 
 
 def prediction_mask(batch: dict):
   """float32[R, L]: 1 where position j predicts a completion token (j + 1)."""
-  m = batch["completion_mask"]
-  return jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1).astype(jnp.float32)
-
-
-def token_logps(config: ModelConfig, params, batch: dict, *, chunk: int,
-                temperature: float = 1.0, completion_length: int | None = None):
-  """Trainer log-probs and entropies float32[R, L] (prediction layout) of a rollout batch.
-
-  completion_length (static): the rows end in a completion of this many tokens (the
-  rollout layout: `rl.max_new_tokens`, `rollout.assemble`). The LM head and the softmax
-  then run only on the N positions that predict them, j = L - N - 1 .. L - 2, and every
-  other entry is 0; the prompt's positions predict nothing the loss reads (its
-  completion_mask is 0). None: every position.
-  """
-  batch = with_positions(config, batch)
-  hidden = sft.model_hidden(config, params, batch)
-  targets = _targets(batch)
-  length = hidden.shape[1]
-  start = 0 if completion_length is None else length - completion_length - 1
-  if start < 0:
-    raise ValueError(f"completion_length {completion_length} leaves no prompt in rows of "
-                     f"length {length}")
-  stop = length if completion_length is None else length - 1
-  stats = sft.chunked_token_stats(config, params, hidden[:, start:stop], targets[:, start:stop],
-                                  chunk, temperature)
-  place = lambda x: jnp.pad(x, ((0, 0), (start, length - stop)))
-  return place(stats["logp"]), place(stats["entropy"])
+  return logprobs.shifted_mask(batch["completion_mask"]).astype(jnp.float32)
 
 
 # rl fields added after the first recipes, with the values an older rl group means.
@@ -77,20 +47,14 @@ def _rl_field(rl, name):
   return rl.get(name, _RL_DEFAULTS[name])
 
 
-def _targets(batch: dict):
-  """int32[R, L]: the token each position predicts (prediction layout)."""
-  ids = batch["input_ids"]
-  return jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-
-
 def rl_loss(config: ModelConfig, params, batch: dict, *, rl, functional_ids, chunk: int,
             completion_length: int | None = None):
   """LA-GRPO loss and metrics. `rl` is the config's rl group (fields missing from an
   older group take `_RL_DEFAULTS`); completion_length as in `token_logps`."""
-  logp, entropy = token_logps(config, params, batch, chunk=chunk, temperature=rl.temperature,
+  logp, entropy = logprobs.token_logps(config, params, batch, chunk=chunk, temperature=rl.temperature,
                               completion_length=completion_length)
   mask = prediction_mask(batch)
-  functional_mask = jnp.isin(_targets(batch), functional_ids).astype(jnp.float32) * mask
+  functional_mask = jnp.isin(logprobs.targets(batch), functional_ids).astype(jnp.float32) * mask
   loss, metrics = grpo.grpo_loss(
       logp, batch["old_logp"], batch["advantages"], mask, clip_low=rl.clip_low,
       clip_high=rl.clip_high, loss_agg=rl.loss_agg, beta=rl.beta,
@@ -121,7 +85,7 @@ def row_grad_norms(grads, batch: dict, functional_ids) -> dict:
     sq = sq + jnp.sum(jnp.square(grads["lm_head"]["kernel"].astype(jnp.float32)), axis=0)
   row = jnp.sqrt(sq)
   vocab = row.shape[0]
-  present = jnp.zeros(vocab, jnp.float32).at[_targets(batch).reshape(-1)].max(
+  present = jnp.zeros(vocab, jnp.float32).at[logprobs.targets(batch).reshape(-1)].max(
       prediction_mask(batch).reshape(-1))
   functional = jnp.zeros(vocab, jnp.float32).at[functional_ids].set(1.0)
   mean_over = lambda w: jnp.sum(row * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -136,7 +100,7 @@ def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, r
             skip: str = "select"):
   """One LA-GRPO optimizer update. Pure; jit with donated state. A non-finite loss or
   gradient skips the update (counted in state.skipped; `skip` as in
-  `sft.apply_if_finite`). Metrics: rl_loss's, grad_norm, skipped_step and the dilution
+  `steps.apply_if_finite`). Metrics: rl_loss's, grad_norm, skipped_step and the dilution
   diagnostic (`row_grad_norms`). completion_length as in `token_logps`."""
   grad_fn = jax.value_and_grad(
       functools.partial(rl_loss, config, batch=batch, rl=rl, functional_ids=functional_ids,
@@ -145,6 +109,55 @@ def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, r
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   diagnostic = row_grad_norms(grads, batch, functional_ids)
-  state = sft.apply_if_finite(state, grads, optimizer, finite, skip)
+  state = steps_lib.apply_if_finite(state, grads, optimizer, finite, skip)
   return state, dict(metrics, **diagnostic, grad_norm=grad_norm,
                      skipped_step=(~finite).astype(jnp.float32))
+
+
+def old_logps_fn(c, model_config, *, cache: steps_lib.StepCache | None = None):
+  """The jitted trainer log-prob pass: (params, rollout batch) -> (logp, entropy)
+  float32[R, L] each (prediction layout); shardings follow the arguments."""
+  chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
+  return steps_lib.cached(cache, ("old_logps", model_config, chunk, temperature, n), lambda: jax.jit(
+      functools.partial(logprobs.token_logps, model_config, chunk=chunk,
+                        temperature=temperature, completion_length=n)))
+
+
+def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, *,
+                 cache: steps_lib.StepCache | None = None):
+  """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
+  fields plus old_logp, and ref_logp when rl.beta > 0)."""
+  platform = steps_lib.platform(mesh)
+  key = ("rl_update", model_config, optimizer_lib.config_key(c.optim), mesh,
+         steps_lib.sharding_key(state_sh), tuple(np.asarray(functional_ids).tolist()),
+         optimizer_lib.config_key(c.rl), c.train.logprob_chunk)
+  return steps_lib.cached(cache, key, lambda: jax.jit(
+      functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
+                        functional_ids=functional_ids, chunk=c.train.logprob_chunk,
+                        completion_length=c.rl.max_new_tokens,
+                        skip=steps_lib.skip_mode(platform)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
+      compiler_options=steps_lib.gradient_compiler_options(platform)))
+
+
+def micro_batches(batch: dict, count: int, mesh) -> list[dict]:
+  """A rollout batch (R rows, sharded over data x fsdp) as `count` micro-batches of R /
+  count rows: row r goes to micro-batch r % count, so each batch shard keeps its own rows
+  and no rows move between chips. count 1: [batch] itself."""
+  if count == 1:
+    return [batch]
+  rows = batch["input_ids"].shape[0]
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % (count * shards):
+    raise ValueError(f"the rollout batch's {rows} rows (rl.prompts_per_step x rl.group_size) "
+                     f"do not split into optim.grad_accum = {count} micro-batches over "
+                     f"{shards} batch shards")
+  return list(_split(batch, count, mesh))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _split(batch: dict, count: int, mesh) -> tuple[dict, ...]:
+  pick = lambda x, i: jax.lax.with_sharding_constraint(
+      x.reshape(x.shape[0] // count, count, *x.shape[1:])[:, i],
+      sharding.batch_sharding(mesh, x.ndim))
+  return tuple({k: pick(v, i) for k, v in batch.items()} for i in range(count))

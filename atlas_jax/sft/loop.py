@@ -1,5 +1,5 @@
 """The SFT loop: a readable function, resumable from its workdir (resume order: see
-atlas_jax/train/run.py)."""
+atlas_jax/run/setup.py)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax import sharding
+from atlas_jax import config as config_lib
+from atlas_jax import multihost, sharding
 from atlas_jax.data import pipeline
 from atlas_jax.eval import in_training
-from atlas_jax.train import optimizer as optimizer_lib
-from atlas_jax.train import plots, setup
-from atlas_jax.train import run as run_lib
-from atlas_jax.train import steps as steps_lib
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import plots, setup
+from atlas_jax.run.steps import StepCache
+from atlas_jax.sft.update import sft_step_fn
 
 
-def train_sft(c, workdir: str, on_start=None):
+def train_sft(c, workdir: str, on_start=None, cache: StepCache | None = None):
   """Runs (or resumes) SFT in `workdir`. `on_start(run, state)` is called once the state
-  is ready (e.g. to evaluate before training). Returns (final TrainState, last logged
-  metrics, Run)."""
+  is ready (e.g. to evaluate before training); `cache` shares built steps between runs in
+  one process. Returns (final TrainState, last logged metrics, Run)."""
+  config_lib.validate(c)
   evals = in_training.TrainingEval.create(c)  # config.eval; None when off
-  run, params = run_lib.start(c, workdir, c.train.steps)
-  optimizer = optimizer_lib.make_optimizer(run_lib.resolve_optim(c))
-  state, state_sh = run_lib.create_state(run, params, optimizer)
+  run, params = setup.start(c, workdir, c.train.steps)
+  optimizer = optimizer_lib.make_optimizer(setup.resolve_optim(c))
+  state, state_sh = setup.create_state(run, params, optimizer)
   source = pipeline.open_source(run.data_report, "train")
-  iterator = pipeline.sft_pipeline(source, **run_lib.data_options(c, run.tokenizer))
-  state = run_lib.maybe_restore(run, state, state_sh, iterator)
+  iterator = pipeline.sft_pipeline(source, **setup.data_options(c, run.tokenizer))
+  state = setup.maybe_restore(run, state, state_sh, iterator)
   if on_start is not None:
     on_start(run, state)
 
-  step_fn = steps_lib.sft_step_fn(c, run.model_config, run.mesh, optimizer, state_sh,
-                                  jnp.asarray(run.table.id_array))
+  step_fn = sft_step_fn(c, run.model_config, run.mesh, optimizer, state_sh,
+                        jnp.asarray(run.table.id_array), cache=cache)
 
   last: dict = {}
   window: list = []
@@ -41,11 +43,11 @@ def train_sft(c, workdir: str, on_start=None):
   t0 = time.perf_counter()
   with sharding.with_rules(run.mesh, sharding.RULES):
     start_step = int(state.step)
-    end = run_lib.stop_step(c, start_step)
+    end = setup.stop_step(c, start_step)
     for step in range(start_step, end):
       batch = next(iterator)
       tokens += int(batch["attention_mask"].sum())
-      state, metrics = step_fn(state, setup.host_batch_to_device(batch, run.mesh))
+      state, metrics = step_fn(state, multihost.host_batch_to_device(batch, run.mesh))
       window.append(metrics)
       done = step + 1
       if done % c.train.log_every == 0 or done == end:
@@ -57,7 +59,7 @@ def train_sft(c, workdir: str, on_start=None):
         run.writer.write(done, last)
         window, tokens, t0 = [], 0, time.perf_counter()
       run.checkpointer.save(done, state, data_state=iterator.get_state(),
-                            extra=run_lib.checkpoint_extra(run), force=done == end)
+                            extra=setup.checkpoint_extra(run), force=done == end)
       if evals is not None:
         evals.maybe_run(run, state, done, end)
       if done % c.train.log_every == 0 or done == end:

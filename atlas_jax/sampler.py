@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from atlas_jax import sharding
+from atlas_jax import functional_tokens, sharding
 from atlas_jax.model import rope, text, vlm
 from atlas_jax.model.config import ModelConfig
 
@@ -49,6 +48,16 @@ class SamplerSettings:
   @property
   def is_greedy(self) -> bool:
     return self.greedy or self.temperature == 0.0
+
+  @classmethod
+  def from_rl(cls, rl, *, greedy: bool = False, samples_per_prompt: int | None = None,
+              max_new_tokens: int | None = None) -> SamplerSettings:
+    """The settings of a config's rl group (samples_per_prompt: default rl.group_size;
+    max_new_tokens: default rl.max_new_tokens); stop and pad ids come from the tokenizer
+    in `make_sampler`."""
+    return cls(max_new_tokens=max_new_tokens or rl.max_new_tokens,
+               samples_per_prompt=samples_per_prompt or rl.group_size,
+               temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, greedy=greedy)
 
 
 @flax.struct.dataclass
@@ -195,8 +204,8 @@ def completion_mask(tokens, settings: SamplerSettings):
 
 
 # Jitted once per (config, settings): every Sampler with the same settings shares them.
-_prefill_jit = jax.jit(prefill, static_argnames=("config", "settings"), static_argnums=0)
-_decode_jit = jax.jit(decode, static_argnames=("config", "settings"), static_argnums=0,
+jit_prefill = jax.jit(prefill, static_argnames=("config", "settings"), static_argnums=0)
+jit_decode = jax.jit(decode, static_argnames=("config", "settings"), static_argnums=0,
                       donate_argnums=2)
 
 
@@ -212,9 +221,36 @@ class Sampler:
     self.allowed = jnp.asarray(allowed, bool)
 
   def sample(self, params, batch: dict, rng) -> dict:
-    state = _prefill_jit(self.config, params, batch["input_ids"], batch["attention_mask"],
+    state = jit_prefill(self.config, params, batch["input_ids"], batch["attention_mask"],
                          batch.get("pixel_values"), batch.get("image_grid_thw"), rng,
                          self.allowed, settings=self.settings)
-    state = _decode_jit(self.config, params, state, self.allowed, settings=self.settings)
+    state = jit_decode(self.config, params, state, self.allowed, settings=self.settings)
     mask = completion_mask(state.tokens, self.settings)
     return {"tokens": state.tokens, "mask": mask, "logps": state.logps * mask}
+
+
+def allowed_ids(tokenizer, config: ModelConfig):
+  """bool[V]: the ids a sampler may emit: tokens the tokenizer owns, minus the vision
+  placeholders (image/video pads, vision start/end)."""
+  allowed = functional_tokens.owned_ids_mask(tokenizer, config.text.vocab_size)
+  for tid in (config.image_token_id, config.video_token_id, config.vision_start_token_id,
+              config.vision_end_token_id):
+    allowed[tid] = False
+  return allowed
+
+
+def make_sampler(config: ModelConfig, tokenizer, settings: SamplerSettings) -> Sampler:
+  """A Sampler for `tokenizer`'s vocabulary: it stops at <|im_end|> or EOS and pads with
+  the tokenizer's pad id (unless `settings` names its own stop ids)."""
+  if not settings.stop_ids:
+    stop = tuple(sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         tokenizer.eos_token_id}))
+    settings = dataclasses.replace(settings, stop_ids=stop, pad_id=tokenizer.pad_token_id)
+  return Sampler(config, settings, allowed_ids(tokenizer, config))
+
+
+def decode_completions(tokenizer, tokens, mask) -> list[str]:
+  """Completion texts of int32[R, N] tokens (numpy, this process's rows) where mask is 1;
+  special tokens (e.g. <|im_end|>) dropped, functional tokens kept."""
+  return [tokenizer.decode(row[m == 1].tolist(), skip_special_tokens=True)
+          for row, m in zip(tokens, mask)]

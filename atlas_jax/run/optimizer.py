@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-GROUPS = ("vision", "merger", "llm")
+from atlas_jax.config import OPTIM_GROUPS
+
 MERGER = ("merger_norm", "merger_fc1", "merger_fc2")
-MOMENTS_DTYPES = ("float32", "bfloat16")
 
 
 def learning_rate_schedule(optim) -> optax.Schedule:
@@ -31,7 +31,7 @@ def learning_rate_schedule(optim) -> optax.Schedule:
 
 
 def param_groups(params):
-  """The group name (one of GROUPS) of every leaf of a model's params, as a like tree."""
+  """The group name (one of OPTIM_GROUPS) of every leaf of a model's params, as a like tree."""
   def label(path, _):
     keys = [getattr(k, "key", None) for k in path]
     if keys[0] != "visual":
@@ -45,7 +45,7 @@ def group_settings(optim) -> dict[str, dict]:
   config leaves out train at the full rate; the older `freeze_vision=True` freezes vision
   and merger."""
   settings = {}
-  for name in GROUPS:
+  for name in OPTIM_GROUPS:
     group = optim.get(name) or {}
     settings[name] = {"trainable": bool(group.get("trainable", True)),
                       "lr_scale": float(group.get("lr_scale", 1.0))}
@@ -95,22 +95,25 @@ def _adamw(optim, scale: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """The optimizer described by an `optim` config group (one object per distinct group:
-  equal groups get the same optimizer, so the steps built over it are shared; see
-  train/steps.py).
+  """The optimizer described by an `optim` config group.
 
   Fields: lr, warmup_steps, total_steps, final_lr_fraction, weight_decay, b1, b2, eps,
   clip_norm, grad_accum (micro-batches per update; 1 = none), vision / merger / llm
   (each {trainable, lr_scale}; see `group_settings`), moments_dtype (float32 | bfloat16).
   Frozen groups get zero updates, hold no moments and are left out of the clipping norm.
   """
-  key = config_key(optim)
-  if key not in _OPTIMIZERS:
-    _OPTIMIZERS[key] = _make_optimizer(optim)
-  return _OPTIMIZERS[key]
-
-
-_OPTIMIZERS: dict[str, optax.GradientTransformation] = {}
+  settings = group_settings(optim)
+  frozen = {name for name, s in settings.items() if not s["trainable"]}
+  per_group = {name: optax.set_to_zero() if name in frozen else _adamw(optim, s["lr_scale"])
+               for name, s in settings.items()}
+  tx = optax.chain(
+      optax.masked(optax.set_to_zero(),
+                   lambda p: jax.tree.map(lambda g: g in frozen, param_groups(p))),
+      clip_by_global_norm(optim.clip_norm),
+      optax.multi_transform(per_group, param_groups))
+  if optim.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum)
+  return tx
 
 
 def config_key(group) -> str:
@@ -131,18 +134,3 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def _make_optimizer(optim) -> optax.GradientTransformation:
-  settings = group_settings(optim)
-  frozen = {name for name, s in settings.items() if not s["trainable"]}
-  per_group = {name: optax.set_to_zero() if name in frozen else _adamw(optim, s["lr_scale"])
-               for name, s in settings.items()}
-  tx = optax.chain(
-      optax.masked(optax.set_to_zero(),
-                   lambda p: jax.tree.map(lambda g: g in frozen, param_groups(p))),
-      clip_by_global_norm(optim.clip_norm),
-      optax.multi_transform(per_group, param_groups))
-  if optim.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum)
-  return tx
