@@ -6,20 +6,33 @@ and reproducible, no judge model. The RL reward (`rl.rewards`) and the benchmark
   match_answer   a predicted answer against the gold one (choice, number or text)
   extract        the answer a reply gives to a question, with the rule that found it
 
-`extract`'s rules for a multiple-choice question (options A, B, ...), in order:
+`extract` reads a reply as a person would. Full-width characters are read as their ASCII
+forms (`Ｂ．` is `B.`) and markdown emphasis is ignored (`**B**` is `B`). For a
+multiple-choice question (options A, B, ...), in order (the method it reports in brackets):
 
   boxed        the last \\boxed{}, its content read as a letter in any common form (`B`,
                `(B)`, `Option B`, `(B) 5`) or as one option's text (`match_answer`); a box
                that names no single option is a failure (the model committed to a final
-               answer that is not an option)
+               answer that is not an option).   `So \\boxed{(C) dark red}.` -> C
+  committed    [letter] else the last commitment to a letter anywhere in the reply: "the
+               answer is D", "Answer: C", "final answer: (B)", "the correct option is A",
+               "I choose B".   `The answer is B. A is wrong because it is red.` -> B
+  opening      [letter] else a reply that opens with an option, `B.`, `(B)`, `B:`, `B)`,
+               `**B**`, `Option B`, and then explains, is read as that option, unless it
+               ends on another lone letter (`B. On second thought, C.` -> C); letters the
+               explanation names do not count.   `C. The green segment is longer than the
+               red one, so A cannot be right.` -> C
   letter       else a single option letter standing alone in the last 64 characters:
-               `B`, `(B)`, `(b)`, `B.`, `Answer: C`, `the answer is D`; `A` and `I` followed
-               by a lower-case word ("A cat", "I think") are words, not letters, unless the
-               word is one of "is", "was", "or", "and", "seems", "appears"; two different
-               letters there are ambiguous
+               `B`, `(B)`, `(b)`, `B.`; `A` and `I` followed by a lower-case word ("A cat",
+               "I think") are words, not letters, unless the word is one of "is", "was",
+               "or", "and", "seems", "appears".   `A cat sits on it. So B.` -> B
+  ambiguous    two different letters standing alone there, with no commitment, are a
+               failure: the reply names options without choosing.   `It could be A or B.`
+               -> none
   option_text  else the one option whose text (normalised as `match_answer` normalises it)
                occurs in the reply as whole words; an option found only inside a longer
-               option that also occurs ("red" in "dark red") does not count
+               option that also occurs ("red" in "dark red") does not count.
+               `It is blue.` -> B (blue); `red or blue, hard to say` -> none
 
 For an open question: the last \\boxed{}, else what follows the last "answer is" /
 "Answer:" on its line, else a one-line reply of at most 32 characters. Anything else is a
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 
 ANSWER_TYPES = ("choice", "number", "text")
 
@@ -210,9 +224,9 @@ def _tail(text: str) -> str:
   return text[start:]
 
 
-def lone_letter(text: str, letters) -> str | None:
-  """The single option letter standing alone near the end of `text`, else None."""
-  tail, found = _tail(text), set()
+def _tail_letters(text: str, letters) -> list[tuple[str, int]]:
+  """(letter, end offset in the tail) of each option letter standing alone near the end."""
+  tail, found = _tail(text), []
   for m in _LONE.finditer(tail):
     letter = (m.group(1) or m.group(2)).upper()
     if m.group(2) in ("A", "I"):
@@ -220,8 +234,50 @@ def lone_letter(text: str, letters) -> str | None:
       if word and word.group(1) not in _LETTER_VERBS:
         continue
     if letter in letters:
-      found.add(letter)
+      found.append((letter, m.end()))
+  return found
+
+
+def lone_letter(text: str, letters) -> str | None:
+  """The single option letter standing alone near the end of `text`, else None."""
+  found = {letter for letter, _ in _tail_letters(text, letters)}
   return found.pop() if len(found) == 1 else None
+
+
+_MARKDOWN = re.compile(r"[*_`~]+")
+_PHRASE = (r"(?i:(?:final\s+|correct\s+|right\s+|best\s+)?(?:answer|option|choice)"
+           r"(?:\s+(?:is|would\s+be|should\s+be|will\s+be)\s*[:=]?|\s*[:=])"
+           r"|i\s+(?:choose|pick|select|go\s+with|would\s+choose))")
+_COMMITTED = re.compile(_PHRASE + r"\s*(?i:(?:option|choice)\s+)?[(\[]?([A-Z])(?![\w'\u2019])")
+_OPENING = re.compile(r"\s*(?:#+\s*)?(?i:(?:(?:final\s+)?answer\s*[:=]?|option|choice)\s*)?"
+                      r"(?:[(\[]\s*([A-Za-z])\s*[)\]]|([A-Z])(?:\s*[.:)\u3002,]|\s+[-\u2013\u2014]\s|\s*$))")
+_ENDS = re.compile(r"[\s.!)\]\u3002]*$")
+
+
+def _plain(text: str) -> str:
+  """The reply with full-width forms read as ASCII and markdown emphasis dropped."""
+  return _MARKDOWN.sub("", unicodedata.normalize("NFKC", text))
+
+
+def committed_letter(text: str, letters) -> str | None:
+  """The option letter of the last "the answer is X"-like commitment, else None."""
+  hits = [m.group(1) for m in _COMMITTED.finditer(text) if m.group(1) in letters]
+  return hits[-1] if hits else None
+
+
+def opening_letter(text: str, letters) -> str | None:
+  """The option a reply opens with (`B.`, `(B)`, `B:`, `Option B`), unless the reply ends
+  on another lone letter; else None."""
+  m = _OPENING.match(text)
+  letter = m and (m.group(1) or m.group(2) or "").upper()
+  if not letter or letter not in letters:
+    return None
+  tail = _tail(text)
+  last = _tail_letters(text, letters)[-1:]
+  if last and last[0][0] != letter and _ENDS.fullmatch(tail[last[0][1]:]) \
+      and len(text.rstrip()) - len(tail) + last[0][1] > m.end():
+    return last[0][0]
+  return letter
 
 
 def option_text(text: str, options) -> str | None:
@@ -248,10 +304,16 @@ def extract(completion: str, options=()) -> tuple[str | None, str | None]:
     if boxed is not None:
       hits = [k for k in letters if match_answer(boxed, k, "choice", choices)]
       return (hits[0], "boxed") if len(hits) == 1 else (None, None)
-    letter = lone_letter(completion, letters)
+    text = _plain(completion)
+    letter = committed_letter(text, letters) or opening_letter(text, letters)
     if letter:
       return letter, "letter"
-    letter = option_text(completion, options)
+    named = {k for k, _ in _tail_letters(text, letters)}
+    if len(named) == 1:
+      return named.pop(), "letter"
+    if named:  # several options named, none chosen
+      return None, None
+    letter = option_text(text, options)
     return (letter, "option_text") if letter else (None, None)
   if boxed is not None and boxed.strip():
     return boxed.strip(), "boxed"

@@ -77,7 +77,7 @@ def trained(tmp_path_factory):
                image_grid_thw=grid[None])
   optim = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=0, total_steps=3, final_lr_fraction=1.0, weight_decay=0.0,
-      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze_vision=False))
+      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1))
   tx = optimizer_lib.make_optimizer(optim)
   state = TrainState.create(params, tx, 0)
   step = jax.jit(functools.partial(sft_step, config=config, optimizer=tx,

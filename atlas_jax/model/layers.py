@@ -14,10 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from atlas_jax import sharding
-from atlas_jax.model import attention as attention_lib
 
 Array = jax.Array
-NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 def dtype_of(name: str) -> jnp.dtype:

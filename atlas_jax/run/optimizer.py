@@ -42,15 +42,12 @@ def param_groups(params):
 
 def group_settings(optim) -> dict[str, dict]:
   """{group: {"trainable": bool, "lr_scale": float}} of an optim config group. Groups the
-  config leaves out train at the full rate; the older `freeze_vision=True` freezes vision
-  and merger."""
+  config leaves out train at the full rate."""
   settings = {}
   for name in OPTIM_GROUPS:
     group = optim.get(name) or {}
     settings[name] = {"trainable": bool(group.get("trainable", True)),
                       "lr_scale": float(group.get("lr_scale", 1.0))}
-  if optim.get("freeze_vision", False):
-    settings["vision"]["trainable"] = settings["merger"]["trainable"] = False
   return settings
 
 
@@ -126,8 +123,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   multiplied by min(1, max_norm / global norm) (exactly 1 below the threshold).
 
   optax divides each element by the norm and selects; XLA:CPU materialises that quotient
-  as its own pass over every gradient (the Adam moments and the update each read it), 45 ms
-  of the bench's 35M-parameter update; a product by a scalar fuses into the Adam update.
+  as its own pass over every gradient (the Adam moments and the update each read it); a
+  product by a scalar fuses into the Adam update.
   """
   def update(updates, state, params=None):
     del params

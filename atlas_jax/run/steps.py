@@ -59,9 +59,9 @@ def apply_if_finite(state: TrainState, grads, optimizer, finite, skip: str = "se
 
   skip (static): how the old state is kept. "select": `jnp.where(finite, new, old)` over
   params and moments, which TPU and GPU fuse into the update (a branch costs them a copy
-  of the state: +20 GiB per chip for 72B SFT on v5p:2x2x4). "branch": `lax.cond`, for
-  XLA:CPU, where the select is a pass of its own over the state (95 ms of the bench
-  model's update) and the branch runs the update alone. `skip_mode` picks by platform.
+  of the whole state in memory). "branch": `lax.cond`, for XLA:CPU, where the select is a
+  pass of its own over the state and the branch runs the update alone. `skip_mode` picks
+  by platform.
   """
   if skip not in SKIPS:
     raise ValueError(f"skip {skip!r} is not one of {SKIPS}")
@@ -95,9 +95,8 @@ def gradient_compiler_options(platform: str) -> dict | None:
 
   CPU: YNNPACK fuses the dots only. Its default also fuses elementwise producers into
   them, and then the backward pass recomputes each weight gradient's elementwise producer
-  a second time as a transposing copy (15% of the op time of the bench model's fwd + bwd);
-  without, the SFT step ran 5-7% faster (the same step compiled both ways, timed
-  alternately in one process). Other platforms: none.
+  a second time as a transposing copy; without it the SFT step runs faster (the same
+  step compiled both ways, timed alternately in one process). Other platforms: none.
   """
   if platform != "cpu":
     return None
