@@ -11,6 +11,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "ablate.py"),
@@ -29,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

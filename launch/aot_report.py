@@ -23,6 +23,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]); "
                                 "with it, --topology is the slice, --steps may choose steps "
@@ -115,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,9 @@ import dataclasses
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("size", "qwen2.5-vl-3b", "A name in atlas_jax.model.SIZES.")
@@ -53,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,8 @@ import sys
 
 from absl import app
 
+from launch import cli
+
 
 def main(argv):
   if len(argv) < 2:
@@ -25,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

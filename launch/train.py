@@ -8,10 +8,13 @@ Overrides are checked against the config (a typo in a field name stops the launc
 the workdir resumes by itself from its latest checkpoint.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from launch import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.py[:arg]).",
@@ -25,6 +28,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   c = FLAGS.config
+  from atlas_jax import config as config_lib
+  config_lib.validate(c)
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise NotADirectoryError(f"--workdir {FLAGS.workdir} is a file, not a directory")
   if c.recipe == "sft":
     from atlas_jax.sft.loop import train_sft
     train_sft(c, FLAGS.workdir)
@@ -42,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
