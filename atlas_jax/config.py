@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from atlas_jax import functional_tokens, sharding
-from atlas_jax.data import formats, tfds_builder
+from atlas_jax.data import chat, formats, tfds_builder
 from atlas_jax.model import SIZES, attention
 
 RECIPES = ("sft", "rl", "demo", "ablate")
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_pixels = 28 * 28 * 4
   c.data.max_pixels = 28 * 28 * 36
   c.data.max_patches = 144    # per sample, = max_pixels / 14**2 for one image
-  c.data.prompt_suffix = "\nPut the final answer in \\boxed{}."
+  c.data.prompt_suffix = chat.BOXED_SUFFIX
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-5
