@@ -75,9 +75,20 @@ def process_0_first(name: str, build, read):
   """`build()` on process 0 while the others wait at a barrier, then `read()` on the others:
   files a run makes once (tokenizer, dataset) are written by one process into the shared
   workdir, never by several at once. Every process must call it (it holds a barrier), so
-  whether there is anything to build is `build`'s decision. One process: just `build()`."""
+  whether there is anything to build is `build`'s decision. When `build()` fails on process
+0, every process raises (the others naming process 0's error) instead of waiting. One
+process: just `build()`."""
   if jax.process_count() == 1:
     return build()
-  out = build() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(f"atlas_jax:{name}")
+  out, error = None, None
+  if jax.process_index() == 0:
+    try:
+      out = build()
+    except Exception as e:  # noqa: BLE001  (passed on to every process below)
+      error = e
+  message = gather_json(f"{type(error).__name__}: {error}" if error else "")[0]
+  if error is not None:
+    raise error
+  if message:  # process 0 failed: every process stops, saying why
+    raise ValueError(f"process 0 could not build {name}: {message}")
   return out if jax.process_index() == 0 else read()

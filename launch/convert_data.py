@@ -8,7 +8,11 @@ Formats (chosen per file from its fields unless --format): atlas, chat (LLaMA-Fa
 sharegpt / ms-swift messages), llava (LLaVA / qwen-vl-finetune), rl (verl / EasyR1 / TRL
 prompt rows); see atlas_jax/data/formats.py. Records that cannot be used are skipped and
 counted by reason; the counts are printed. Embedded images are written next to --dst.
+When no record is usable it writes nothing and exits with status 1 and one line saying
+why (the file and the counts).
 """
+
+import sys
 
 from absl import app, flags
 
@@ -31,13 +35,17 @@ flags.mark_flags_as_required(["src", "dst"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from atlas_jax.data import formats
+  from atlas_jax.data import formats, schema
   if FLAGS.dst.endswith(".json") or FLAGS.src == FLAGS.dst:
     raise app.UsageError(f"--dst {FLAGS.dst} must be a new .jsonl file")
-  written, skipped = formats.convert(
-      FLAGS.src, FLAGS.dst, format=FLAGS.format, image_root=FLAGS.image_root,
-      check_images=FLAGS.check_images, min_pixels=FLAGS.min_pixels,
-      max_pixels=FLAGS.max_pixels, max_images=FLAGS.max_images, max_patches=FLAGS.max_patches)
+  try:
+    written, skipped = formats.convert(
+        FLAGS.src, FLAGS.dst, format=FLAGS.format, image_root=FLAGS.image_root,
+        check_images=FLAGS.check_images, min_pixels=FLAGS.min_pixels,
+        max_pixels=FLAGS.max_pixels, max_images=FLAGS.max_images,
+        max_patches=FLAGS.max_patches)
+  except (schema.NoUsableRecord, FileNotFoundError) as e:
+    sys.exit(f"[convert_data] {e}")  # one line on stderr, exit status 1
   total = sum(skipped.values())
   print(f"[convert_data] wrote {written} records to {FLAGS.dst}; skipped {total}"
         + "".join(f"\n  {reason}: {n}" for reason, n in sorted(skipped.items())))

@@ -10,7 +10,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from atlas_jax.data import schema, synthetic
+from atlas_jax.data import formats, synthetic
 from atlas_jax import config as config_lib
 from atlas_jax.run import setup
 from atlas_jax.sft.loop import train_sft
@@ -27,11 +27,12 @@ def _png_header(w, h):
 
 
 # reason -> how many records of that kind the fuzzed file has
-EXPECTED_BUILD = {"undecodable_bytes": 2, "malformed_json": 1, "unknown_format": 1,
-                  "missing_field": 1, "bad_field_type": 1, "duplicate_id": 1,
-                  "unknown_special_token": 1, "image_count_mismatch": 1, "missing_image": 1,
-                  "corrupt_image": 1, "image_too_large": 2, "extreme_aspect_ratio": 1,
-                  "unusable_image": 1, "too_many_images": 1, "too_many_patches": 1}
+EXPECTED_BUILD = {"undecodable_bytes": 2, "invalid_text": 3, "malformed_json": 3,
+                  "unknown_format": 1, "missing_field": 1, "bad_field_type": 5,
+                  "duplicate_id": 1, "unknown_special_token": 1, "image_count_mismatch": 1,
+                  "missing_image": 1, "corrupt_image": 1, "not_a_regular_file": 2,
+                  "image_too_large": 2, "extreme_aspect_ratio": 1, "unusable_image": 1,
+                  "too_many_images": 1, "too_many_patches": 1}
 EXPECTED_PIPELINE = {"too_long": 1}
 GOOD = 20 + 4  # the suite's records + the odd-mode images
 BUILT = GOOD + 1  # and the one that is too long once rendered
@@ -79,6 +80,25 @@ def fuzz_file(root) -> str:
       rec("la", images=[image("la.png", size=(84, 112), mode="LA")]),
       rec("pal", images=[image("pal.png", size=(112, 112), mode="P")]),
   ]
+  # Records that ended the build before round two (issue 27), each now counted.
+  os.mkfifo(os.path.join(images, "fifo.png"))
+  os.mkdir(os.path.join(images, "folder.png"))
+  chat = lambda rid, **kw: json.dumps(dict({"id": rid, "images": [img], "messages": [
+      {"role": "user", "content": "<image>Which?"},
+      {"role": "assistant", "content": "\\boxed{A}"}]}, **kw)).encode()
+  bad += [
+      chat("role-list", messages=[{"role": ["user"], "content": "<image>Q"}]),
+      chat("bytes-text", images=[{"bytes": ["iVBO", "Rw0K"]}]),
+      chat("bytes-300", images=[{"bytes": [137, 80, 300]}]),
+      rec("path-nul", images=["images/a\0.png"]),
+      json.dumps(dict(good, id="path-surrogate", images=["images/\udc80.png"])).encode(),
+      json.dumps(dict(good, id="text-surrogate", question="caf\udce9?")).encode(),
+      json.dumps(dict(good, id="id-\ud800")).encode(),
+      b'{"id": "long-int", "n": ' + b"7" * 5000 + b"}",
+      b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+      rec("fifo", images=["images/fifo.png"]),
+      rec("folder", images=["images/folder.png"]),
+  ]
   out = os.path.join(root, "raw", "fuzzed.jsonl")
   with open(out, "wb") as f:
     unknown = json.dumps({"foo": 1, "bar": 2}).encode()  # first: no format detected yet
@@ -103,7 +123,7 @@ def _config(tmp, train_jsonl, **changes):
 
 def test_reader_counts_every_kind(tmp_path):
   path = fuzz_file(str(tmp_path))
-  records, skipped = schema.read_jsonl(path)
+  records, skipped = formats.read_jsonl(path)
   assert len(records) == GOOD + 3  # two, patches, long: fine without the config's limits
   expected = {k: v for k, v in EXPECTED_BUILD.items()
               if k not in ("too_many_images", "too_many_patches")}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from atlas_jax import functional_tokens
-from atlas_jax.data import schema, synthetic
+from atlas_jax.data import formats, schema, synthetic
 from atlas_jax.answers import extract_boxed
 
 GOOD = {"id": "a1", "images": [], "question": "Q?", "trajectory": "Look.\n<|Shape|>\n\\boxed{B}",
@@ -26,14 +26,14 @@ def test_valid_records_round_trip(tmp_path):
   from PIL import Image
   Image.new("RGB", (56, 56), "red").save(tmp_path / "img.png")
   rec = dict(GOOD, images=["img.png"])
-  records, skipped = schema.read_jsonl(_write(tmp_path, [json.dumps(rec)]))
+  records, skipped = formats.read_jsonl(_write(tmp_path, [json.dumps(rec)]))
   assert not skipped and len(records) == 1
   r = records[0]
   assert r.images == (str(tmp_path / "img.png"),) and r.choices == ("x", "y")
   out = tmp_path / "out" / "copy.jsonl"
   out.parent.mkdir()
   schema.write_jsonl(str(out), records)
-  again, _ = schema.read_jsonl(str(out))
+  again, _ = formats.read_jsonl(str(out))
   assert again == records
 
 
@@ -47,7 +47,7 @@ def test_each_bad_reason_is_skipped_and_counted(tmp_path):
            json.dumps(dict(GOOD, id="e", images=["corrupt.png"])),
            json.dumps(dict(GOOD, id="f", trajectory="x <|Foo|> \\boxed{A}")),
            json.dumps(dict(GOOD, id="g"))]
-  records, skipped = schema.read_jsonl(_write(tmp_path, lines))
+  records, skipped = formats.read_jsonl(_write(tmp_path, lines))
   assert [r.id for r in records] == ["a1", "g"]
   assert skipped == collections.Counter(malformed_json=1, missing_field=1, bad_field_type=1,
                                         missing_image=1, corrupt_image=1,
@@ -84,13 +84,13 @@ def test_undecodable_line_and_duplicate_id_are_counted(tmp_path):
   path = tmp_path / "t.jsonl"
   path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"id": "\xff"}\n'
                    + json.dumps(GOOD).encode() + b"\n")
-  records, skipped = schema.read_jsonl(str(path))
+  records, skipped = formats.read_jsonl(str(path))
   assert len(records) == 1 and skipped == {"undecodable_bytes": 1, "duplicate_id": 1}
 
 
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
-    schema.read_jsonl(str(tmp_path / "nope.jsonl"))
+    formats.read_jsonl(str(tmp_path / "nope.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_suite_is_deterministic(suite, tmp_path):
 
 def test_suite_records_are_valid_and_consistent(suite):
   _, path = suite
-  records, skipped = schema.read_jsonl(path)
+  records, skipped = formats.read_jsonl(path)
   assert not skipped and len(records) == 6 * len(synthetic.FAMILIES)
   for r in records:
     token = functional_tokens.TASK_TOKENS[r.task]

@@ -204,7 +204,7 @@ def test_convert_data_writes_project_jsonl_and_counts(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
   assert res.returncode == 0, res.stderr
   assert "wrote 2 records" in res.stdout and "missing_image: 1" in res.stdout
-  records, skipped = schema.read_jsonl(str(dst))
+  records, skipped = formats.read_jsonl(str(dst))
   assert not skipped and [r.answer for r in records] == ["A", "B"]
   with open(records[1].images[0], "rb") as f:
     assert f.read() == _png_bytes()

@@ -1,5 +1,7 @@
 """Image preprocessing equals transformers' Qwen2-VL image processor (PIL backend)."""
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -61,3 +63,49 @@ def test_smart_resize_equals_transformers_and_respects_bounds():
     assert got[0] % 28 == 0 and got[1] % 28 == 0 and MIN <= got[0] * got[1] <= MAX
   with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):
     image_lib.smart_resize(10, 2500)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_transformers_load_image(tmp_path, orientation):
+  from transformers.image_utils import load_image
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  path = str(tmp_path / "shot.png")  # PNG: lossless, so the pixels compare exactly
+  _drawing(84, 56).save(path, exif=exif.tobytes())
+  with open(path, "rb") as f:
+    got = image_lib.to_rgb(image_lib.open_image(f.read()))
+  want = load_image(path)
+  assert got.size == want.size == ((84, 56) if orientation < 5 else (56, 84))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  if orientation != 1:
+    assert not np.array_equal(np.asarray(got), np.asarray(_drawing(84, 56).resize(got.size)))
+
+
+def _modes():
+  rng = np.random.default_rng(1)
+  base = _noise(rng, 70, 42)
+  rgba = base.convert("RGBA")
+  rgba.putalpha(Image.fromarray(rng.integers(0, 256, (42, 70), dtype=np.uint8)))
+  palette = base.convert("P")
+  palette.info["transparency"] = 3
+  la = rgba.convert("LA")
+  grey16 = Image.fromarray(rng.integers(0, 600, (42, 70), dtype=np.uint16))
+  return {"RGBA": rgba, "P+transparency": palette, "LA": la, "CMYK": base.convert("CMYK"),
+          "I;16": grey16, "L": base.convert("L"), "1": base.convert("1")}
+
+
+@pytest.mark.parametrize("name", sorted(_modes()))
+def test_modes_convert_as_transformers_convert_to_rgb(name):
+  """Transparency is composited onto white (not dropped to its colour underneath); other
+  modes convert as transformers' image processor converts them; the patches equal its."""
+  from transformers.image_transforms import convert_to_rgb
+  img = _modes()[name]
+  buf = io.BytesIO()
+  img.save(buf, "TIFF" if name in ("CMYK", "I;16") else "PNG")
+  decoded = image_lib.open_image(buf.getvalue())
+  np.testing.assert_array_equal(np.asarray(image_lib.to_rgb(decoded)),
+                                convert_to_rgb(decoded, return_numpy=True))
+  want_px, want_grid = _reference([decoded])
+  px, grid = image_lib.preprocess([decoded], min_pixels=MIN, max_pixels=MAX)
+  np.testing.assert_array_equal(grid, want_grid)
+  np.testing.assert_allclose(px, want_px, atol=1e-5, rtol=0)

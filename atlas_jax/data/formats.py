@@ -8,10 +8,14 @@ schema (`schema.Trajectory`), so SFT, RL and the TFDS/grain pipeline are unchang
   rl     verl / EasyR1 / TRL prompt rows: a prompt ("problem" or "prompt", a string or chat
          messages), "images", and the gold "answer" | "solution" | reward_model.ground_truth
 
-A file is a JSON list (.json) or one object per line (.jsonl); its format is detected from
-the first object's fields unless given. Image references are paths (absolute, relative to
-`image_root` or to the file), `data:` URIs or raw base64 strings, or {"bytes": ..., "path":
-...} dicts (verl, HF datasets). Bad records come out as `schema.BadRecord`, never raised.
+A file is a JSON list, one JSON object (pretty-printed or not), or one object per line
+(.jsonl; CRLF line ends and a UTF-8 byte-order mark are fine); each record's format is
+detected from its fields unless given, so one file may mix them (a record that shows no
+format is read as the one before it was, to say what it lacks). Image references are paths
+(absolute, relative to `image_root` or to the file), `data:` URIs or raw base64 strings
+(standard or URL-safe, padding optional), or {"bytes": ..., "path": ...} dicts (verl, HF
+datasets; bytes as base64 text or a list of 0-255 integers). Bad records come out as
+`schema.BadRecord`, never raised; `read_jsonl` and `convert` count them by reason.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
 FORMATS = ("auto", "atlas", "chat", "llava", "rl")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "model": "assistant", "bot": "assistant"}
-_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=_\-\s]+")  # a path has a '.' (its extension)
+_URLSAFE = str.maketrans("-_", "+/")
 
 
 def detect(d: dict) -> str | None:
@@ -112,7 +117,7 @@ def _turns(messages, system: str | None):
     if not isinstance(m, dict):
       raise BadRecord("bad_field_type", "a message is not an object")
     role = m.get("role", m.get("from"))
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
       raise BadRecord("bad_field_type", f"message role {role!r} is not one of {sorted(ROLES)}")
     text, refs = _content(m.get("content", m.get("value", "")))
     turns.append((ROLES[role], text))
@@ -134,6 +139,9 @@ def _image_ref(ref, base_dir: str, image_root: str) -> str | bytes:
     if ref.get("bytes"):
       ref = ref["bytes"]
       if isinstance(ref, list):  # bytes serialised as a list of ints
+        if not all(type(b) is int and 0 <= b < 256 for b in ref):
+          raise BadRecord("bad_field_type", "image 'bytes' given as a list must hold integers "
+                          "0-255")
         return bytes(ref)
       if not isinstance(ref, str):
         raise BadRecord("bad_field_type", "image 'bytes' must be base64 text")
@@ -153,6 +161,12 @@ def _image_ref(ref, base_dir: str, image_root: str) -> str | bytes:
 
 
 def _b64(text: str) -> bytes:
+  """Standard or URL-safe base64, whitespace ignored, padding optional."""
+  text = "".join(text.split())
+  if "-" in text or "_" in text:
+    text = text.translate(_URLSAFE)
+  text = text.rstrip("=")
+  text += "=" * (-len(text) % 4)
   try:
     return base64.b64decode(text, validate=False)
   except (binascii.Error, ValueError) as e:
@@ -231,25 +245,64 @@ READERS = {"atlas": read_atlas, "chat": read_chat, "llava": read_chat, "rl": rea
 
 
 def _raw_objects(path: str) -> Iterator[tuple[int, bytes | object]]:
-  """(index, raw line bytes or an already-parsed JSON value) for each record of a file."""
+  """(index, raw line bytes, an already-parsed JSON value, or a BadRecord) for each record
+  of a file: the elements of a JSON list, a single JSON object that spans lines, or lines."""
   with open(path, "rb") as f:
     head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
   if head.startswith(b"["):
-    with open(path, "rb") as f:
-      text = f.read().decode("utf-8-sig", errors="surrogateescape")
-    try:
-      items = json.loads(text)
-    except json.JSONDecodeError:
-      items = None
-    if isinstance(items, list):
-      yield from enumerate(items)
-      return
-    yield from enumerate(_salvage_list(text))
+    yield from enumerate(_list_items(path))
     return
+  if head.startswith(b"{") and _spans_lines(path):
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      obj = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+      obj = BadRecord("undecodable_bytes", f"byte {e.start}: {e.reason}")
+    except (ValueError, RecursionError):
+      obj = None
+    if isinstance(obj, (dict, BadRecord)):
+      yield 0, obj
+      return
   with open(path, "rb") as f:
     for i, line in enumerate(f):
       if line.strip():
         yield i, line
+
+
+def _spans_lines(path: str) -> bool:
+  """Whether the first line of a file opens a JSON object that it does not close (a
+  pretty-printed object, not JSON lines)."""
+  with open(path, "rb") as f:
+    first = f.readline().decode("utf-8-sig", errors="replace").strip()
+  try:
+    json.loads(first)
+  except json.JSONDecodeError as e:
+    return e.pos >= len(first)  # valid up to the end of the line, then cut off
+  except (ValueError, RecursionError):
+    return False
+  return False
+
+
+def _list_items(path: str) -> Iterator[object]:
+  """The elements of a JSON list file; when it does not parse as a whole, one at a time
+  (`_salvage_list`). Undecodable bytes make their element a BadRecord."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text, lossy = raw.decode("utf-8-sig"), False
+  except UnicodeDecodeError:
+    text, lossy = raw.decode("utf-8-sig", errors="surrogateescape"), True
+  try:
+    items = json.loads(text)
+  except (ValueError, RecursionError):
+    items = None
+  if not isinstance(items, list):
+    items = _salvage_list(text)
+  for k, item in enumerate(items):
+    if lossy and not isinstance(item, BadRecord) and _has_surrogates(item):
+      item = BadRecord("undecodable_bytes", f"record {k}")
+    yield item
 
 
 def _salvage_list(text: str) -> Iterator[object]:
@@ -264,8 +317,8 @@ def _salvage_list(text: str) -> Iterator[object]:
     try:
       obj, i = decoder.raw_decode(text, i)
       yield obj
-    except json.JSONDecodeError as e:
-      yield BadRecord("malformed_json", str(e))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+      yield BadRecord("malformed_json", f"{type(e).__name__}: {str(e):.200}")
       m = re.compile(r"\n\s*\{").search(text, i + 1)
       if not m:
         return
@@ -277,8 +330,17 @@ def _has_surrogates(obj) -> bool:
   try:
     json.dumps(obj, ensure_ascii=False).encode("utf-8")
     return False
-  except UnicodeEncodeError:
+  except (UnicodeEncodeError, RecursionError, ValueError):
     return True
+
+
+def check_data_file(path: str, what: str = "data file") -> None:
+  """Raises FileNotFoundError naming `path` unless it is a regular file (a directory, a
+  FIFO or a device is refused before it is opened)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{what} {path} does not exist")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} {path} is not a regular file")
 
 
 def iter_records(path: str, *, format: str = "auto", image_root: str = "",
@@ -289,40 +351,69 @@ def iter_records(path: str, *, format: str = "auto", image_root: str = "",
   are the record's "id", else "<file stem>-<index>"; a repeated id is a BadRecord."""
   if format not in FORMATS:
     raise ValueError(f"data format {format!r} is not one of {FORMATS}")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"trajectory file {path} does not exist")
+  check_data_file(path, "trajectory file")
   base_dir = os.path.dirname(os.path.abspath(path))
   stem = os.path.splitext(os.path.basename(path))[0]
-  chosen = None if format == "auto" else format
-  seen = set()
+  seen, last = set(), None
   for index, raw in _raw_objects(path):
     try:
-      if isinstance(raw, BadRecord):
-        raise raw
-      if isinstance(raw, bytes):
-        d = schema.load_json(schema.decode_line(raw))
-      else:
-        if _has_surrogates(raw):
-          raise BadRecord("undecodable_bytes", f"record {index}")
-        if not isinstance(raw, dict):
-          raise BadRecord("malformed_json", f"expected an object, got {type(raw).__name__}")
-        d = raw
-      kind = chosen or detect(d)
-      if kind is None:
-        raise BadRecord("unknown_format", f"record {index} has fields {sorted(d)[:8]}")
-      chosen = chosen or kind
-      rid = d.get("id")
-      rid = str(rid) if isinstance(rid, (str, int)) and str(rid).strip() else \
-          f"{stem}-{index:06d}"
-      rec = READERS[kind](d, record_id=rid, base_dir=base_dir, image_root=image_root)
-      rec = schema.check_text(rec, allowed_tokens)
+      rec, last = _record(raw, index, format if format != "auto" else None, last, stem,
+                          base_dir, image_root, allowed_tokens)
       if rec.id in seen:
         raise BadRecord("duplicate_id", rec.id)
       seen.add(rec.id)
     except BadRecord as e:
       yield e
       continue
+    except (ImportError, MemoryError):  # the environment, not the record
+      raise
+    except Exception as e:  # noqa: BLE001  (a record must never end a run)
+      yield BadRecord("read_error", f"record {index}: {type(e).__name__}: {str(e):.200}")
+      continue
     yield rec
+
+
+def _record(raw, index, format, last, stem, base_dir, image_root, allowed_tokens
+            ) -> tuple[Trajectory, str]:
+  """One raw record (line bytes, a parsed value or a BadRecord) -> (a checked Trajectory,
+  its format): `format` if given, else the one its fields show, else `last`. Raises
+  BadRecord."""
+  if isinstance(raw, BadRecord):
+    raise raw
+  if isinstance(raw, bytes):
+    d = schema.load_json(schema.decode_line(raw))
+  elif isinstance(raw, dict):
+    d = raw
+  else:
+    raise BadRecord("malformed_json", f"expected an object, got {type(raw).__name__}")
+  kind = format or detect(d) or last
+  if kind is None:
+    raise BadRecord("unknown_format", f"record {index} has fields {sorted(d)[:8]}")
+  rid = d.get("id")
+  rid = str(rid) if isinstance(rid, (str, int)) and str(rid).strip() else \
+      f"{stem}-{index:06d}"
+  rec = READERS[kind](d, record_id=rid, base_dir=base_dir, image_root=image_root)
+  return schema.check_text(rec, allowed_tokens), kind
+
+
+def read_jsonl(path: str, *, allowed_tokens: Iterable[str] = FUNCTIONAL_TOKENS,
+               check_images: bool = True, format: str = "auto", image_root: str = ""):
+  """Valid records of a data file (any `FORMATS`) and a Counter of skipped ones by reason
+  (images opened and checked unless `check_images` is False). A missing file raises
+  FileNotFoundError naming it; bad records never raise."""
+  records, skipped = [], collections.Counter()
+  for rec in iter_records(path, format=format, image_root=image_root,
+                          allowed_tokens=allowed_tokens):
+    try:
+      if isinstance(rec, BadRecord):
+        raise rec
+      if check_images:
+        schema.load_images(rec)
+    except BadRecord as e:
+      skipped[e.reason] += 1
+      continue
+    records.append(rec)
+  return records, skipped
 
 
 def convert(src: str, dst: str, *, format: str = "auto", image_root: str = "",
@@ -330,7 +421,8 @@ def convert(src: str, dst: str, *, format: str = "auto", image_root: str = "",
   """Writes the usable records of `src` (any FORMATS) to `dst` as this project's JSONL;
   embedded images become files under <dst folder>/images/<dst stem>/. `limits` are
   `schema.load_images`' (min_pixels, max_pixels, max_images, max_patches). Returns
-  (records written, {reason: skipped})."""
+  (records written, {reason: skipped}); when no record is usable, raises
+  `schema.NoUsableRecord` and writes nothing."""
   from PIL import Image
   out_dir = os.path.dirname(os.path.abspath(dst))
   image_dir = os.path.join(out_dir, "images", os.path.splitext(os.path.basename(dst))[0])
@@ -347,8 +439,11 @@ def convert(src: str, dst: str, *, format: str = "auto", image_root: str = "",
     paths = []
     for k, ref in enumerate(rec.images):
       if isinstance(ref, bytes):
-        with Image.open(io.BytesIO(ref)) as img:
-          ext = {"JPEG": "jpg"}.get(img.format, (img.format or "bin").lower())
+        try:
+          with Image.open(io.BytesIO(ref)) as img:
+            ext = {"JPEG": "jpg"}.get(img.format, (img.format or "bin").lower())
+        except Exception:  # noqa: BLE001  (not checked: --check_images=false)
+          ext = "bin"
         os.makedirs(image_dir, exist_ok=True)
         ref_path = os.path.join(image_dir, f"{len(written):06d}-{k}.{ext}")
         with open(ref_path, "wb") as f:
@@ -356,6 +451,8 @@ def convert(src: str, dst: str, *, format: str = "auto", image_root: str = "",
         ref = ref_path
       paths.append(ref)
     written.append(dataclasses.replace(rec, images=tuple(paths)))
+  if not written:
+    raise schema.NoUsableRecord(src, skipped, image_root=image_root, root_name="--image_root")
   os.makedirs(out_dir, exist_ok=True)
   schema.write_jsonl(dst, written)
   return len(written), dict(skipped)

@@ -15,19 +15,21 @@ Batches are numpy, batch-major (B = per-process batch):
 Skipped records are counted per process in `pipeline.skipped`, once per record however
 many epochs pass (grain runs the transforms in this process); `report_skipped` formats
 the counts. The build decided every other reason already, so these are mostly `too_long`.
+A repeating pipeline whose every record is skipped (say, none fits data.max_length) raises
+`schema.NoUsableRecord` once it has seen each record, instead of looking for a usable one
+forever; a finite pass just ends (its caller sees no batch, and on several processes
+others may have rows).
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import json
 
 import grain
 import numpy as np
-from PIL import Image
 
-from atlas_jax.data import chat, image as image_lib
+from atlas_jax.data import chat, image as image_lib, schema
 from atlas_jax.data.tfds_builder import open_source  # noqa: F401  (re-exported for loops)
 from atlas_jax.model.rope import get_rope_index
 
@@ -73,8 +75,8 @@ class _Render:
     blob = np.asarray(ex["image_bytes"]).tobytes()
     if len(offsets) - 1 > self.max_images:
       return _Skip("too_many_images", record_id)
-    try:
-      images = [Image.open(io.BytesIO(blob[a:b])).convert("RGB")
+    try:  # upright by EXIF, transparency on white: as transformers decodes
+      images = [image_lib.to_rgb(image_lib.open_image(blob[a:b]))
                 for a, b in zip(offsets[:-1], offsets[1:])]
     except Exception:  # noqa: BLE001  (Pillow raises many types for bad bytes)
       return _Skip("corrupt_image", record_id)
@@ -144,12 +146,15 @@ class _Collate:
 
 
 class Pipeline:
-  """An iterator of batches with `get_state`/`set_state` and a `skipped` Counter."""
+  """An iterator of batches with `get_state`/`set_state`, a `skipped` Counter and the
+  `source_file` it reads (None when the source does not say)."""
 
-  def __init__(self, dataset: grain.IterDataset, skipped: collections.Counter):
+  def __init__(self, dataset: grain.IterDataset, skipped: collections.Counter,
+               source_file: str | None = None):
     self._dataset = dataset
     self._iter = iter(dataset)
     self.skipped = skipped
+    self.source_file = source_file
 
   def __iter__(self):
     return self
@@ -174,6 +179,17 @@ def _pipeline(source, *, tokenizer, min_pixels, max_pixels, max_length, length_b
     max_length = length_buckets[-1]
   skipped: collections.Counter = collections.Counter()
   ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  source_file = getattr(source, "source_file", None)
+  build_skipped = getattr(source, "build_skipped", None) or {}
+  records = len(ds)
+
+  def nothing_usable(note: str) -> schema.NoUsableRecord:
+    counts = collections.Counter(build_skipped)
+    counts.update(skipped)
+    return schema.NoUsableRecord(source_file or "the dataset", counts, note=note)
+  if num_epochs is None and not records:
+    raise nothing_usable(f"process {shard_index} of {shard_count} gets none of its "
+                         f"{len(source)} records: more processes than records")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
@@ -188,6 +204,10 @@ def _pipeline(source, *, tokenizer, min_pixels, max_pixels, max_length, length_b
       if example.id not in counted:  # once per record, not once per epoch
         counted.add(example.id)
         skipped[example.reason] += 1
+        if num_epochs is None and len(counted) >= records:  # every record, none usable
+          raise nothing_usable(
+              f"every record was skipped once rendered, with data.max_length {max_length}, "
+              f"data.max_images {max_images} and data.max_patches {max_patches}")
       return False
     return True
   collate = _Collate(batch_size=batch_size, length_buckets=length_buckets,
@@ -196,7 +216,7 @@ def _pipeline(source, *, tokenizer, min_pixels, max_pixels, max_length, length_b
                      image_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
                      left_pad=prompt_only)
   iter_ds = ds.to_iter_dataset().filter(keep).batch(batch_size, batch_fn=collate)
-  return Pipeline(iter_ds, skipped)
+  return Pipeline(iter_ds, skipped, source_file)
 
 
 def sft_pipeline(source, **kwargs) -> Pipeline:

@@ -21,30 +21,35 @@ one per image, in order.
 
 A bad record never ends a run: it raises `BadRecord(reason, detail)` here, and readers
 skip it and count it by reason (`REASONS`). Images are checked here once, at build time,
-exactly as the preprocessing will take them (`load_images`).
+exactly as the preprocessing will take them (`load_images`); only regular files are opened
+(a FIFO or a device would block or never end). A file of which no record can be used
+raises `NoUsableRecord`, whose message is one sentence naming the file and the counts.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import io
 import json
 import os
 import re
-from typing import Iterable
+import stat
+from typing import Iterable, Mapping
 
 from atlas_jax.data import image as image_lib
 from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
 
 REASONS = (
     "undecodable_bytes",      # a line (or record) that is not valid UTF-8
-    "malformed_json",         # not JSON, or not an object
+    "invalid_text",           # a lone surrogate (a "\\ud800" escape): not Unicode text
+    "malformed_json",         # not JSON, not an object, too deep or a too long number
     "unknown_format",         # an object no reader recognises
+    "read_error",             # any other failure while reading a record or its images
     "missing_field", "bad_field_type", "duplicate_id",
     "unknown_special_token",  # a <|...|> that is neither a functional nor a known token
     "image_count_mismatch",   # <image> placeholders != images
     "missing_image", "corrupt_image",
+    "not_a_regular_file",     # an image path naming a directory, FIFO, device or socket
     "image_too_large",        # over PIL.Image.MAX_IMAGE_PIXELS (decompression bomb)
     "extreme_aspect_ratio",   # > 200, which Qwen2.5-VL's resize rejects
     "unusable_image",         # decodes, but is empty or its mode does not convert to RGB
@@ -56,6 +61,10 @@ REASONS = (
 ANSWER_TYPES = ("choice", "number", "text")
 IMAGE_PLACEHOLDER = "<image>"
 _SPECIAL = re.compile(r"<\|[^|<>]*\|>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
 
 
 class BadRecord(ValueError):
@@ -66,6 +75,29 @@ class BadRecord(ValueError):
     super().__init__(f"{reason}: {detail}")
     self.reason = reason
     self.detail = detail
+
+
+class NoUsableRecord(ValueError):
+  """A data file none of whose records can be used. Its message is one sentence naming the
+  file and the skip counts by reason, e.g. `no usable record in data/x.jsonl: missing_image
+  40 (relative image paths were resolved against the file's folder /data; set
+  data.image_root if they are relative to another folder)`. Raised before any training;
+  launchers print the message and exit non-zero."""
+
+  def __init__(self, path: str, skipped: Mapping[str, int], *, image_root: str = "",
+               root_name: str = "data.image_root", note: str = ""):
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()) if n)
+    message = f"no usable record in {path}: {counts or 'it holds no record'}"
+    if note:
+      message += f" ({note})"
+    if skipped.get("missing_image"):
+      folder = os.path.dirname(os.path.abspath(path))
+      message += (f" (relative image paths were resolved against {root_name} {image_root}, "
+                  f"then the file's folder {folder})" if image_root else
+                  f" (relative image paths were resolved against the file's folder {folder}; "
+                  f"set {root_name} if they are relative to another folder)")
+    super().__init__(message)
+    self.path, self.skipped = path, dict(skipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,21 +135,32 @@ def decode_line(raw: bytes) -> str:
 
 
 def load_json(line: str) -> dict:
-  """One JSON object. Raises BadRecord."""
+  """One JSON object. Raises BadRecord (also for a nesting deeper than Python's recursion
+  limit and an integer longer than its 4,300-digit conversion limit)."""
   try:
     d = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise BadRecord("malformed_json", str(e)) from None
+  except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+    raise BadRecord("malformed_json", f"{type(e).__name__}: {str(e):.200}") from None
   if not isinstance(d, dict):
     raise BadRecord("malformed_json", f"expected an object, got {type(d).__name__}")
   return d
 
 
 def check_text(rec: Trajectory, allowed_tokens: Iterable[str] = FUNCTIONAL_TOKENS) -> Trajectory:
-  """Unknown special tokens and the placeholder count. Returns `rec`; raises BadRecord."""
+  """Text that cannot be stored (a lone surrogate in any field, image paths included),
+  unknown special tokens and the placeholder count. Returns `rec`; raises BadRecord."""
   allowed = set(allowed_tokens)
   users = [rec.question] + [u for u, _ in rec.history]
   others = [rec.trajectory] + [a for _, a in rec.history] + [rec.system or ""]
+  named = {"id": rec.id, "answer": rec.answer, "task": rec.task or "",
+           "answer_type": rec.answer_type or "", "choices": "".join(rec.choices or ()),
+           "images": "".join(p for p in rec.images if isinstance(p, str)),
+           "text": "".join(users + others)}
+  for field, text in named.items():
+    m = _SURROGATE.search(text)
+    if m:
+      raise BadRecord("invalid_text", f"lone surrogate U+{ord(m.group()):04X} in the {field} "
+                      f"of record {_SURROGATE.sub('?', rec.id)!r}")
   for text in users + others:
     unknown = sorted(set(_SPECIAL.findall(text)) - allowed)
     if unknown:
@@ -133,7 +176,10 @@ def check_text(rec: Trajectory, allowed_tokens: Iterable[str] = FUNCTIONAL_TOKEN
 
 def resolve_path(path: str, base_dir: str, image_root: str = "") -> str:
   """An image path: absolute as is; relative under `image_root` (when set and present
-  there), else under `base_dir` (the data file's folder)."""
+  there), else under `base_dir` (the data file's folder). A path with a NUL character
+  (which no file name holds) raises BadRecord."""
+  if "\0" in path:
+    raise BadRecord("bad_field_type", f"image path {path!r:.80} contains a NUL character")
   if os.path.isabs(path):
     return os.path.normpath(path)
   if not image_root:
@@ -182,23 +228,6 @@ def from_dict(d: dict, *, base_dir: str, image_root: str = "") -> Trajectory:
                     history=tuple((h["user"], h["assistant"]) for h in history))
 
 
-def parse_line(line: str, *, base_dir: str, image_root: str = "",
-               allowed_tokens: Iterable[str] = FUNCTIONAL_TOKENS) -> Trajectory:
-  """One JSONL line -> Trajectory, image paths made absolute. Raises BadRecord."""
-  return check_text(from_dict(load_json(line), base_dir=base_dir, image_root=image_root),
-                    allowed_tokens)
-
-
-def load_image_bytes(path: str) -> bytes:
-  """The encoded bytes of an image, checked to decode. Raises BadRecord."""
-  if not os.path.isfile(path):
-    raise BadRecord("missing_image", path)
-  with open(path, "rb") as f:
-    data = f.read()
-  check_image(data, where=path)
-  return data
-
-
 def check_image(data: bytes, *, min_pixels: int = image_lib.MIN_PIXELS,
                 max_pixels: int = image_lib.MAX_PIXELS, where: str = "image") -> tuple[int, int]:
   """Checks that the preprocessing can take an encoded image: it decodes, is not a
@@ -216,9 +245,11 @@ def check_image(data: bytes, *, min_pixels: int = image_lib.MIN_PIXELS,
       img.load()
       if w < 1 or h < 1:
         raise BadRecord("unusable_image", f"{where}: size {w}x{h}")
-      if img.mode not in ("RGB", "L", "RGBA", "P"):
+      if image_lib.exif_orientation(img) in image_lib.SWAPS_SIDES:
+        w, h = h, w
+      if img.mode not in ("RGB", "L"):
         try:
-          img.convert("RGB")
+          image_lib.to_rgb(img)
         except Exception as e:  # noqa: BLE001
           raise BadRecord("unusable_image", f"{where}: mode {img.mode}: {e}") from None
   except BadRecord:
@@ -231,6 +262,24 @@ def check_image(data: bytes, *, min_pixels: int = image_lib.MIN_PIXELS,
     return image_lib.smart_resize(h, w, 28, min_pixels, max_pixels)
   except ValueError as e:
     raise BadRecord("extreme_aspect_ratio", f"{where}: {w}x{h}: {e}") from None
+
+
+def read_image_file(path: str) -> bytes:
+  """The bytes of an image file, refused before it is opened unless it is a regular file
+  (a FIFO blocks, /dev/zero never ends). Raises BadRecord."""
+  try:
+    mode = os.stat(path).st_mode
+  except (OSError, ValueError) as e:  # ValueError: a NUL or an unencodable character
+    raise BadRecord("missing_image", f"{path!r:.200}: {getattr(e, 'strerror', None) or e}") \
+        from None
+  if not stat.S_ISREG(mode):
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise BadRecord("not_a_regular_file", f"{path} is {kind}, not a regular file")
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise BadRecord("missing_image", f"{path}: {e.strerror}") from None
 
 
 def load_images(rec: Trajectory, *, min_pixels: int = image_lib.MIN_PIXELS,
@@ -246,38 +295,13 @@ def load_images(rec: Trajectory, *, min_pixels: int = image_lib.MIN_PIXELS,
     if isinstance(ref, bytes):
       data, where = ref, f"{rec.id} image {k}"
     else:
-      try:
-        with open(ref, "rb") as f:
-          data = f.read()
-      except OSError as e:
-        raise BadRecord("missing_image", f"{ref}: {e.strerror}") from None
-      where = ref
+      data, where = read_image_file(ref), ref
     h, w = check_image(data, min_pixels=min_pixels, max_pixels=max_pixels, where=where)
     patches += (h // 14) * (w // 14)
     blobs.append(data)
   if max_patches is not None and patches > max_patches:
     raise BadRecord("too_many_patches", f"{patches} patches, data.max_patches is {max_patches}")
   return blobs
-
-
-def read_jsonl(path: str, *, allowed_tokens: Iterable[str] = FUNCTIONAL_TOKENS,
-               check_images: bool = True, format: str = "auto", image_root: str = ""):
-  """Valid records of a data file (any `formats.FORMATS`) and a Counter of skipped ones by
-  reason. A missing file raises FileNotFoundError naming it; bad records never raise."""
-  from atlas_jax.data import formats
-  records, skipped = [], collections.Counter()
-  for rec in formats.iter_records(path, format=format, image_root=image_root,
-                                  allowed_tokens=allowed_tokens):
-    try:
-      if isinstance(rec, BadRecord):
-        raise rec
-      if check_images:
-        load_images(rec)
-    except BadRecord as e:
-      skipped[e.reason] += 1
-      continue
-    records.append(rec)
-  return records, skipped
 
 
 def write_jsonl(path: str, records: Iterable[Trajectory | dict], *, base_dir: str | None = None):

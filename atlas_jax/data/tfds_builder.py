@@ -4,7 +4,9 @@ Records come from `formats.iter_records` (any supported format); every check tha
 made once is made here (text, images exactly as the preprocessing takes them, image and
 patch limits), and a record that fails is skipped and counted by reason. Images are stored
 as their encoded bytes in one uint8 vector per example with offsets, decoded later with
-Pillow; text fields are `Text`.
+Pillow; text fields are `Text`. A split of which no record is usable stops the build with
+`schema.NoUsableRecord` (one sentence: the file and the counts), not TFDS's "No examples
+were yielded".
 
 The dataset remembers its sources: `build_report.json` next to the data holds a
 fingerprint (each file's path, size, mtime and sha256; each referenced image's path, size,
@@ -63,6 +65,7 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
     self._options = options or BuildOptions()
     self.skipped: dict[str, collections.Counter] = {}
     self.images: dict[str, dict[str, list]] = {}  # split -> {path: [size, mtime, sha256]}
+    self.empty: schema.NoUsableRecord | None = None  # the split that yielded nothing
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -87,10 +90,10 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, path: str):
     """Records in file order; their images are checked by a few threads (Pillow decodes
-    without the GIL) while this one serializes."""
+    without the GIL) while this one serializes. Raises NoUsableRecord if none is usable."""
     counter = self.skipped.setdefault(split, collections.Counter())
     images = self.images.setdefault(split, {})
-    o = self._options
+    o, yielded = self._options, 0
     records = formats.iter_records(path, format=o.format, image_root=o.image_root,
                                    allowed_tokens=o.allowed_tokens)
     chunks = iter(lambda: list(itertools.islice(records, _CHUNK)), [])
@@ -107,7 +110,11 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
           if isinstance(blobs, schema.BadRecord):
             counter[blobs.reason] += 1
             continue
+          yielded += 1
           yield rec.id, _example(rec, blobs)
+    if not yielded:
+      self.empty = schema.NoUsableRecord(path, counter, image_root=o.image_root)
+      raise self.empty
 
   def _check(self, rec):
     """(image bytes or the BadRecord, {path: [size, mtime_ns, sha256]}) of a record."""
@@ -120,6 +127,10 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
                                  max_images=o.max_images, max_patches=o.max_patches)
     except schema.BadRecord as e:
       return e, stats
+    except (ImportError, MemoryError):  # the environment, not the record
+      raise
+    except Exception as e:  # noqa: BLE001  (a record must never end the build)
+      return schema.BadRecord("read_error", f"{rec.id}: {type(e).__name__}: {e}"), stats
     for ref, blob in zip(rec.images, blobs):
       if isinstance(ref, str):
         stats[ref][2] = hashlib.sha256(blob).hexdigest()
@@ -145,10 +156,10 @@ def _example(rec: schema.Trajectory, blobs: list[bytes]) -> dict:
 
 
 def _stat(path: str) -> list:
-  """[size, mtime_ns] of a file, [-1, -1] if it does not exist."""
+  """[size, mtime_ns] of a file, [-1, -1] if it does not exist (or cannot: a NUL)."""
   try:
     st = os.stat(path)
-  except OSError:
+  except (OSError, ValueError):
     return [-1, -1]
   return [st.st_size, st.st_mtime_ns]
 
@@ -160,8 +171,7 @@ def _sha256(path: str) -> str:
 
 def _file_fingerprint(path: str) -> dict:
   path = os.path.abspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"trajectory file {path} does not exist")
+  formats.check_data_file(path, "trajectory file")
   size, mtime = _stat(path)
   return {"path": path, "size": size, "mtime_ns": mtime, "sha256": _sha256(path)}
 
@@ -229,7 +239,8 @@ def build_dataset(*, splits: dict[str, str], data_dir: str, build: bool = True,
   unchanged, and on a change rebuild it or (`on_source_change="error"`) raise ValueError
   naming the file. With `build=False` (other processes) one must exist; its sources are
   not rechecked. Returns a report dict: {"data_dir": <versioned dataset dir>, "counts":
-  {split: n}, "skipped": {split: {reason: n}}, "sources": {split: path}}.
+  {split: n}, "skipped": {split: {reason: n}}, "sources": {split: path}}. A split of which
+  no record is usable raises `schema.NoUsableRecord` (a ValueError) and leaves no dataset.
   """
   if on_source_change not in ON_SOURCE_CHANGE:
     raise ValueError(f"on_source_change {on_source_change!r} is not one of {ON_SOURCE_CHANGE}")
@@ -276,10 +287,16 @@ def _build(builder, splits, options, report_path):
   fingerprint = {s: _file_fingerprint(p) for s, p in splits.items()}
   print(f"[data] building dataset from {len(set(splits.values()))} source file(s) in "
         f"{builder.data_dir}", flush=True)
-  with _quiet_tfds():
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  try:
+    with _quiet_tfds():
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(verify_ssl=False))
+  except Exception:
+    if builder.empty is None:
+      raise
+    e = builder.empty  # raised in TFDS's generator loop, which may wrap it: raise it bare
+    raise schema.NoUsableRecord(e.path, e.skipped, image_root=options.image_root) from None
   skipped = {s: dict(c) for s, c in builder.skipped.items()}
   report = {"splits": fingerprint, "images": builder.images, "options": _options_json(options),
             "skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
@@ -292,9 +309,15 @@ def _build(builder, splits, options, report_path):
 
 
 def open_source(report_or_dir, split: str):
-  """Random-access source of one split (a grain-compatible ArrayRecord data source)."""
+  """Random-access source of one split (a grain-compatible ArrayRecord data source). Given
+  a build report, it carries `source_file` (the data file) and `build_skipped` ({reason:
+  n}) for the pipeline's messages."""
   data_dir = report_or_dir["data_dir"] if isinstance(report_or_dir, dict) else report_or_dir
   sources = tfds.builder_from_directory(data_dir).as_data_source()
   if split not in sources:
     raise ValueError(f"dataset {data_dir} has no split {split!r}; it has {sorted(sources)}")
-  return sources[split]
+  source = sources[split]
+  if isinstance(report_or_dir, dict):
+    source.source_file = report_or_dir.get("sources", {}).get(split)
+    source.build_skipped = dict(report_or_dir.get("skipped", {}).get(split, {}))
+  return source

@@ -15,7 +15,8 @@
 Every item is a `schema.Trajectory` (images as paths or encoded bytes, the gold answer: a
 letter for a multiple-choice question) plus what a benchmark adds: its options, hint,
 ready-made prompt, category, l2-category and split. Images are decoded only when a row is
-rendered. A bad row becomes a `schema.BadRecord`, counted by reason, never raised.
+rendered. A bad row becomes a `schema.BadRecord`, counted by reason, never raised; a file
+with no usable row raises `schema.NoUsableRecord` (one sentence: the file and the counts).
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def detect(path: str) -> str:
 def read(path: str, *, format: str = "auto", image_root: str = "", max_rows: int = 0,
          allowed_tokens=FUNCTIONAL_TOKENS) -> tuple[list[Item], collections.Counter]:
   """The usable rows of a benchmark file (the first `max_rows` usable ones when > 0) and a
-  Counter of skipped rows by reason. A missing file or unknown format raises."""
+  Counter of skipped rows by reason. A missing file or unknown format raises; so does a
+  file with no usable row (`schema.NoUsableRecord`, a ValueError)."""
   if format not in FORMATS:
     raise ValueError(f"benchmark format {format!r} is not one of {FORMATS}")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"benchmark file {path} does not exist")
+  formats.check_data_file(path, "benchmark file")
   kind = detect(path) if format == "auto" else format
   if kind == "tsv":
     rows = _tsv_items(path, image_root)
@@ -105,6 +106,9 @@ def read(path: str, *, format: str = "auto", image_root: str = "", max_rows: int
     items.append(item)
     if max_rows and len(items) >= max_rows:
       break
+  if not items:
+    raise schema.NoUsableRecord(path, skipped, image_root=image_root,
+                                root_name="the image root (data.image_root, --image_root)")
   return items, skipped
 
 
@@ -280,8 +284,13 @@ def _first(d: dict, names):
 
 def _parquet_image(value, base_dir: str, image_root: str):
   if isinstance(value, dict):
-    if value.get("bytes"):
-      return bytes(value["bytes"])
+    data = value.get("bytes")
+    if data:
+      if isinstance(data, (bytes, bytearray)) or isinstance(data, list) and all(
+          type(b) is int and 0 <= b < 256 for b in data):
+        return bytes(data)
+      raise BadRecord("bad_field_type", f"image bytes are {type(data).__name__}, expected "
+                      "binary or a list of integers 0-255")
     value = value.get("path")
   if isinstance(value, (bytes, bytearray)):
     return bytes(value)
