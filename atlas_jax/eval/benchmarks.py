@@ -32,11 +32,11 @@ import re
 import string
 from typing import Iterator
 
+from atlas_jax.config import EVAL_FORMATS
 from atlas_jax.data import formats, schema
 from atlas_jax.data.schema import BadRecord, Trajectory
 from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
 
-FORMATS = ("auto", "tsv", "parquet") + tuple(f for f in formats.FORMATS if f != "auto")
 # What pandas.read_csv reads as NaN, which VLMEvalKit drops from options and hints.
 _NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
        "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
@@ -81,8 +81,8 @@ def read(path: str, *, format: str = "auto", image_root: str = "", max_rows: int
   """The usable rows of a benchmark file (the first `max_rows` usable ones when > 0) and a
   Counter of skipped rows by reason. A missing file or unknown format raises; so does a
   file with no usable row (`schema.NoUsableRecord`, a ValueError)."""
-  if format not in FORMATS:
-    raise ValueError(f"benchmark format {format!r} is not one of {FORMATS}")
+  if format not in EVAL_FORMATS:
+    raise ValueError(f"benchmark format {format!r} is not one of {EVAL_FORMATS}")
   formats.check_data_file(path, "benchmark file")
   kind = detect(path) if format == "auto" else format
   if kind == "tsv":
