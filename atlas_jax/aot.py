@@ -36,7 +36,6 @@ generating to the end).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import time
@@ -110,58 +109,53 @@ def chip_count(topology: str) -> int:
   return math.prod(int(d) for d in topology.split(":")[1].split("x"))
 
 
-def default_optim(total_steps: int = 1000):
-  """The base config's optim group with a fixed schedule length (for launch.bench)."""
-  optim = base_config().optim
-  optim.total_steps = total_steps
-  return optim
-
-
-def default_rl():
-  """The base config's rl group."""
-  return base_config().rl
-
-
 def model_config(c):
   """The ModelConfig `setup.load_model` builds for a recipe on TPU, without weights (tiny's
   vocab is not refitted to a tokenizer here)."""
   return from_size(c.model.size, **setup.runtime_options(c, "tpu"))
 
 
-def param_counts(config) -> tuple[int, int]:
-  """(text params doing matmuls per token: decoder + LM head, vision tower params)."""
+def param_counts(config) -> tuple[int, int, int]:
+  """Parameters doing matmuls: (text per token: decoder + LM head, vision per patch: patch
+  embedding + blocks, patch merger per merged token, i.e. per 2 x 2 patches)."""
   params = abstract_params(config)
   size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-  vision = size(params["visual"])
-  text = size(params) - vision
+  merger = size([v for k, v in params["visual"].items() if k.startswith("merger_fc")])
+  vision = size(params["visual"]) - merger
+  text = size(params) - vision - merger
   if not config.text.tie_word_embeddings:
     text -= size(params["embed"])  # a lookup, not a matmul
-  return text, vision
+  return text, vision, merger
 
 
 def model_flops(config, step: str, *, rows: int, length: int, patches: int,
-                new_tokens: int = 0, logit_positions: int | None = None) -> float:
+                new_tokens: int = 0, logit_positions: int | None = None,
+                dense_attention: bool = False) -> float:
   """Analytic FLOPs of one step, all chips, without rematerialisation: 2 per matmul
-  parameter per token (text) or patch (vision) forward, 3x that with the backward pass,
-  plus attention (causal 2 x L x N x H x T^2 text; vision full-attention blocks over all
-  patches, window blocks over their windows). `decode` is one token per row against a
-  cache of `length` + `new_tokens` / 2 slots on average. logit_positions: the positions
-  per row the LM head runs on (default `length`; the RL steps' completion window)."""
-  n_text, n_vision = param_counts(config)
+  parameter per token (text), patch (vision) or merged patch (merger) forward, 3x that
+  with the backward pass, plus attention (causal 2 x L x N x H x T^2 text; vision
+  full-attention blocks over all patches, window blocks over their windows). `decode` is
+  one token per row against a cache of `length` + `new_tokens` / 2 slots on average.
+  logit_positions: the positions per row the LM head runs on (default `length`; the RL
+  steps' completion window). dense_attention: attention as an einsum computes it before
+  masking, every query against every key (4 x L x N x H x T^2 text, every vision block
+  over all patches): the work done rather than the work needed (launch.bench's count)."""
+  n_text, n_vision, n_merger = param_counts(config)
   t, v = config.text, config.vision
-  vision_window = (v.window_size // v.patch_size) ** 2
-  full = len(v.fullatt_block_indexes)
-  vision_attention = 4 * v.hidden_size * patches * (
-      full * patches + (v.depth - full) * min(vision_window, patches))
+  text_heads = t.num_hidden_layers * t.num_attention_heads * t.head_dim
   if step == "decode":
     cache = length + new_tokens / 2
-    return rows * (2 * n_text + 4 * t.num_hidden_layers * t.num_attention_heads * t.head_dim
-                   * cache)
+    return rows * (2 * n_text + 4 * text_heads * cache)
+  window = patches if dense_attention else min((v.window_size // v.patch_size) ** 2, patches)
+  full = len(v.fullatt_block_indexes)
+  vision_attention = 4 * v.hidden_size * patches * (
+      full * patches + (v.depth - full) * window)
+  text_attention = (4 if dense_attention else 2) * text_heads * length**2
   # n_text counts the LM head at every position; take off the positions it skips.
   skipped = 0 if logit_positions is None else length - logit_positions
   head = t.hidden_size * t.vocab_size * skipped
-  forward = (2 * n_text * length - 2 * head + 2 * t.num_hidden_layers * t.num_attention_heads
-             * t.head_dim * length**2 + 2 * n_vision * patches + vision_attention)
+  forward = (2 * n_text * length - 2 * head + text_attention + 2 * n_vision * patches
+             + 2 * n_merger * (patches // 4) + vision_attention)
   return rows * forward * (1 if step in ("prefill", "old-logp") else 3)
 
 

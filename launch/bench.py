@@ -5,13 +5,16 @@ and the same batch: greedy rollout, SFT step and LA-GRPO update.
   python -m launch.bench --models=small --batch=8 --prompt_text=48 --new_tokens=64
   python -m launch.bench --decode_lengths=128,512,1024,2048   # decode ms/token vs cache
 
-Each model is built with transformers' Qwen2_5_VLConfig, randomised, saved in HF layout and
-loaded by `atlas_jax.hf.load`; both sides then run on that checkpoint. Throughputs are
-tokens per second with compile (and torch's first call) excluded, the median of --repeats
-runs; the ratio is atlas_jax / transformers. The fraction of matmul peak is the step's
-analytic FLOPs (dense matmuls and attention scores as computed: 2 per weight per token
-forward, x3 with the backward pass) per second over a timed 2048^2 fp32 matmul.
-transformers gets `mm_token_type_ids`, without which it silently uses 1-D positions.
+Each model is built by transformers with random weights and saved in HF layout
+(`atlas_jax.random_checkpoint`), then loaded by `atlas_jax.hf.load`; both sides run on that
+checkpoint. Throughputs are tokens per second with compile (and torch's first call)
+excluded, the median of --repeats runs; the ratio is atlas_jax / transformers. The
+fraction of matmul peak is the step's analytic FLOPs (`aot.model_flops` with dense
+attention: 2 per weight per token forward, x3 with the backward pass, attention scores as
+computed, every query against every key) per second over a timed 2048^2 fp32 matmul.
+transformers gets `mm_token_type_ids`, without which it silently uses 1-D positions. The
+training steps are `launch.train`'s (`sft.update.sft_step_fn`, `rl.update.rl_update_fn`)
+on a one-device mesh.
 
 The rollout's floor on this machine is printed next to it: the prefill's analytic FLOPs at
 the matmul peak, plus one read of the text decoder's and LM head's fp32 weights (and the
@@ -32,14 +35,27 @@ fraction-of-peak goal.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import statistics
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
+
+from atlas_jax import aot, hf, random_checkpoint
+from atlas_jax import sampler as sampler_lib
+from atlas_jax.config import base_config
+from atlas_jax.model import rope
+from atlas_jax.rl.update import rl_update_fn
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import setup
+from atlas_jax.run.state import TrainState
+from atlas_jax.sft.update import sft_step_fn
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small", "wide"], "Model sizes from MODELS.")
@@ -56,15 +72,19 @@ flags.DEFINE_string("attention_impl", "xla", "atlas_jax model.attention_impl (au
 flags.DEFINE_string("remat", "none", "atlas_jax model.remat.")
 flags.DEFINE_string("hf_dir", "", "Where to save the HF models (default: a temp dir).")
 
-# text: width, layers, heads, kv heads, MLP, vocab; vision: blocks, width, heads, MLP.
+VOCAB = 8192
+# Shapes in `random_checkpoint.hf_config`'s terms (the vocab is VOCAB).
 MODELS = {
-    "small": dict(hidden=512, layers=8, heads=8, kv_heads=2, mlp=1408, vocab=8192,
-                  v_depth=4, v_hidden=256, v_heads=4, v_mlp=512),
-    "wide": dict(hidden=1024, layers=4, heads=16, kv_heads=4, mlp=2816, vocab=8192,
-                 v_depth=4, v_hidden=256, v_heads=4, v_mlp=512),
+    "small": dict(text=dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                            num_key_value_heads=2, intermediate_size=1408),
+                  vision=dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=512)),
+    "wide": dict(text=dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                           num_key_value_heads=4, intermediate_size=2816),
+                 vision=dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=512)),
     # The test suite's smoke size (tests/test_bench.py), not a benchmark.
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=8192,
-                 v_depth=2, v_hidden=32, v_heads=2, v_mlp=64),
+    "tiny": dict(text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128),
+                 vision=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64)),
 }
 IMAGE, VIDEO, V_START, V_END = 8000, 8001, 8002, 8003
 # Never generated (both sides): a sampled image token in the completion would make the
@@ -72,38 +92,12 @@ IMAGE, VIDEO, V_START, V_END = 8000, 8001, 8002, 8003
 VISION_IDS = (IMAGE, VIDEO, V_START, V_END)
 
 
-def hf_model(spec: dict, seed: int = 0):
-  import torch
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-  cfg = Qwen2_5_VLConfig(
-      text_config=dict(
-          vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["mlp"],
-          num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-          num_key_value_heads=spec["kv_heads"], rms_norm_eps=1e-6,
-          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                           "mrope_section": _mrope(spec["hidden"] // spec["heads"])},
-          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2),
-      vision_config=dict(
-          depth=spec["v_depth"], hidden_size=spec["v_hidden"], intermediate_size=spec["v_mlp"],
-          num_heads=spec["v_heads"], out_hidden_size=spec["hidden"], window_size=56,
-          fullatt_block_indexes=[spec["v_depth"] - 1], patch_size=14, spatial_merge_size=2,
-          temporal_patch_size=2),
-      image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START,
-      vision_end_token_id=V_END, tie_word_embeddings=False)
-  torch.manual_seed(seed)
-  model = Qwen2_5_VLForConditionalGeneration._from_config(
-      cfg, attn_implementation="sdpa", dtype=torch.float32)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
-        p.add_(0.1 * torch.randn_like(p))
-  return model
-
-
-def _mrope(head_dim: int) -> list[int]:
-  half = head_dim // 2
-  t = half // 4
-  return [t, (half - t) // 2, half - t - (half - t) // 2]
+def write_model(spec: dict, path: str):
+  """A random transformers model of `spec` (sdpa attention), saved to `path`."""
+  config = random_checkpoint.hf_config(
+      dict(spec["text"], vocab_size=VOCAB), spec["vision"], image_token_id=IMAGE,
+      video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
+  return random_checkpoint.write(path, config, attn_implementation="sdpa")
 
 
 def make_batch(rng, batch: int, text: int, side: int, patch_dim: int):
@@ -134,9 +128,6 @@ def timed(fn, repeats: int):
 
 def matmul_peak() -> tuple[float, float]:
   """fp32 2048^2 matmul GFLOP/s of jnp and torch."""
-  import jax
-  import jax.numpy as jnp
-  import torch
   n = 2048
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
@@ -148,8 +139,6 @@ def matmul_peak() -> tuple[float, float]:
 
 def stream_bandwidth() -> float:
   """GB/s of a jitted fp32 sum over 256 MB (a streaming read, the best case for weights)."""
-  import jax
-  import jax.numpy as jnp
   x = jnp.ones((64 * 2**20,), jnp.float32)
   f = jax.jit(jnp.sum)
   _, t, _ = timed(lambda: f(x).block_until_ready(), 5)
@@ -163,26 +152,17 @@ def _text_layer_shapes(t) -> list[tuple[int, int]]:
   return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
 
 
-def _text_layer_weights(t) -> int:
-  """Matmul weights of one text decoder layer: q, k, v, o and the SwiGLU MLP."""
-  return sum(a * b for a, b in _text_layer_shapes(t))
-
-
-def _decode_weights(t) -> int:
-  """Weights a decode step reads once per token: every text layer's and the LM head."""
-  return t.num_hidden_layers * _text_layer_weights(t) + t.hidden_size * t.vocab_size
-
-
 def rollout_floor(config, rows: int, prompt: int, new: int, patches: int, peak: float,
                   bandwidth: float) -> tuple[float, float, float]:
   """(prefill s, ms per decode step, total s): the prefill's FLOPs at `peak` GFLOP/s, then
   per token the text weights, the LM head and the average KV cache read at `bandwidth`."""
   t = config.text
-  weights = _decode_weights(t)
+  weights = aot.param_counts(config)[0]  # the decoder's and the LM head's
   cache = (2 * t.num_hidden_layers * rows * t.num_key_value_heads * t.head_dim
            * (prompt + new / 2))
   step = 4 * (weights + cache) / (bandwidth * 1e9)
-  prefill = forward_flops(config, rows, prompt, patches) / (peak * 1e9)
+  prefill = aot.model_flops(config, "prefill", rows=rows, length=prompt, patches=patches,
+                            dense_attention=True) / (peak * 1e9)
   return prefill, step * 1e3, prefill + (new - 1) * step
 
 
@@ -191,8 +171,6 @@ def weights_only_step(config, rows: int, repeats: int) -> float:
   the q, k, v, o and SwiGLU matrix-vector products of `rows` rows (random fp32 weights of
   the decoder's shapes), then the LM head, jitted as one chain (no attention, norms,
   cache or sampling). The ceiling of any decode step built from XLA's own dot kernels."""
-  import jax
-  import jax.numpy as jnp
   t = config.text
   shapes = _text_layer_shapes(t)
   (d, q), (_, kv) = shapes[:2]
@@ -214,23 +192,6 @@ def weights_only_step(config, rows: int, repeats: int) -> float:
   return seconds
 
 
-def forward_flops(config, rows: int, length: int, patches: int,
-                  logit_positions: int | None = None) -> float:
-  """Analytic forward FLOPs of `rows` sequences (dense attention, as both sides compute);
-  the LM head on `logit_positions` per row (default all)."""
-  t, v = config.text, config.vision
-  heads = length if logit_positions is None else logit_positions
-  text = 2 * (length * t.num_hidden_layers * _text_layer_weights(t)
-              + heads * t.hidden_size * t.vocab_size)
-  text += 4 * t.num_hidden_layers * t.hidden_size * length * length
-  vlayer = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size
-  merged = 4 * v.hidden_size
-  vision = 2 * patches * (v.depth * vlayer + v.patch_dim * v.hidden_size)
-  vision += 4 * v.depth * v.hidden_size * patches * patches
-  vision += 2 * (patches // 4) * (merged * merged + merged * v.out_hidden_size)
-  return rows * (text + vision)
-
-
 @dataclasses.dataclass
 class Row:
   model: str
@@ -250,35 +211,28 @@ class Row:
 
 def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: str,
                 bandwidth: float) -> list[Row]:
-  import jax
-  import jax.numpy as jnp
-  import torch
-
-  from atlas_jax import hf
-  from atlas_jax.model import rope
-  from atlas_jax import sampler as sampler_lib
-  from atlas_jax.rl.update import rl_step
-  from atlas_jax.run import optimizer as optimizer_lib
-  from atlas_jax.run import steps as steps_lib
-  from atlas_jax.sft.update import sft_step
-  from atlas_jax.run.state import TrainState
-  from atlas_jax import aot
-
-  model = hf_model(spec)
-  path = os.path.join(out_dir, name)
-  model.save_pretrained(path)
-  config, params = hf.load(path, dtype="float32")
-  config = config.replace(remat=FLAGS.remat, **_impl_kwargs(config))
+  model = write_model(spec, os.path.join(out_dir, name))
+  text, vision = spec["text"], spec["vision"]
   n_params = sum(p.numel() for p in model.parameters())
-  print(f"\n== {name}: {n_params / 1e6:.1f}M params, text {spec['hidden']} x "
-        f"{spec['layers']} layers, GQA {spec['heads']}/{spec['kv_heads']}, vocab "
-        f"{spec['vocab']}; vision {spec['v_depth']} x {spec['v_hidden']}", flush=True)
+  print(f"\n== {name}: {n_params / 1e6:.1f}M params, text {text['hidden_size']} x "
+        f"{text['num_hidden_layers']} layers, GQA {text['num_attention_heads']}/"
+        f"{text['num_key_value_heads']}, vocab {VOCAB}; vision {vision['depth']} x "
+        f"{vision['hidden_size']}", flush=True)
+
+  # A run's config on one device: its optimizer and steps, the flags' model options.
+  c = base_config()
+  c.model.remat, c.model.attention_impl = FLAGS.remat, FLAGS.attention_impl
+  c.data.batch_size = FLAGS.batch
+  c.rl.alpha = 0.1  # LA-GRPO: the anchor on
+  mesh = setup.make_mesh(c, jax.devices()[:1])
+  config, params = hf.load(os.path.join(out_dir, name), dtype="float32")
+  config = config.replace(**setup.runtime_options(c, mesh.devices.flat[0].platform))
 
   rng = np.random.default_rng(0)
   b, n = FLAGS.batch, FLAGS.new_tokens
   ids, mask, pixels, grid = make_batch(rng, b, FLAGS.prompt_text, FLAGS.image_side,
                                        config.vision.patch_dim)
-  t_prompt = ids.shape[1]
+  t_prompt, patches = ids.shape[1], pixels.shape[1]
   mm = lambda x: torch.from_numpy((x == IMAGE).astype(np.int64))
   hf_inputs = dict(pixel_values=torch.from_numpy(pixels.reshape(-1, pixels.shape[-1])),
                    image_grid_thw=torch.from_numpy(grid.reshape(-1, 3)))
@@ -308,8 +262,7 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
   same_rows = int((got == want).all(1).sum())
   same_tokens = float((got == want).mean())
   print(f"rollout: greedy tokens equal in {same_rows}/{b} rows ({same_tokens:.1%} of tokens)")
-  prefill, step_ms, floor = rollout_floor(config, b, t_prompt, n, pixels.shape[1], peak,
-                                          bandwidth)
+  prefill, step_ms, floor = rollout_floor(config, b, t_prompt, n, patches, peak, bandwidth)
   print(f"rollout floor here: prefill {prefill:.2f} s at the matmul peak + {n - 1} steps x "
         f"{step_ms:.1f} ms (weights and cache read once per token at {bandwidth:.1f} GB/s) = "
         f"{floor:.2f} s, i.e. at most {b * n / floor:.0f} new tok/s = "
@@ -319,7 +272,7 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
       batch["image_grid_thw"], key, sampler.allowed, settings=settings)), FLAGS.repeats)[1]
   products = weights_only_step(config, b, max(FLAGS.repeats, 5))
   ceiling = prefill_s + (n - 1) * products
-  weight_bytes = 4 * _decode_weights(config.text)
+  weight_bytes = 4 * aot.param_counts(config)[0]
   print(f"rollout ceiling with XLA:CPU's dot kernels: prefill {prefill_s:.2f} s (measured) + "
         f"{n - 1} steps x {products * 1e3:.1f} ms (the step's weight products alone, "
         f"{weight_bytes / products / 1e9:.1f} GB/s) = {ceiling:.2f} s, i.e. at most "
@@ -334,8 +287,9 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
   full = np.concatenate([ids, want], axis=1)
   full_mask = np.ones_like(full)
   t_full = full.shape[1]
-  flops = 3 * forward_flops(config, b, t_full, pixels.shape[1])
-  optim = aot.default_optim()
+  flops = lambda step, **kw: aot.model_flops(config, step, rows=b, length=t_full,
+                                             patches=patches, dense_attention=True, **kw)
+  optim = setup.resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)
   torch_opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
                                 eps=optim.eps, weight_decay=optim.weight_decay)
@@ -369,14 +323,12 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
                 pixel_values=jnp.asarray(pixels), image_grid_thw=jnp.asarray(grid, jnp.int32))
   completion = jnp.asarray(np.arange(t_full)[None] >= t_prompt, jnp.int32).repeat(b, 0)
   functional_ids = jnp.asarray([7000, 7001], jnp.int32)
+  _, state_sh = setup.abstract_state(mesh, config, optimizer, params, c.seed)
+  new_state = jax.jit(lambda p: TrainState.create(p, optimizer, c.seed), out_shardings=state_sh)
 
-  platform = jax.devices()[0].platform
-
-  def run_state_step(step_fn, step_batch):  # compiled as the training loops' steps are
-    step = jax.jit(functools.partial(step_fn, skip=steps_lib.skip_mode(platform)),
-                   donate_argnums=0,
-                   compiler_options=steps_lib.gradient_compiler_options(platform))
-    holder = [TrainState.create(jax.tree.map(jnp.copy, params), optimizer, 0)]
+  def time_step(step, step_batch):
+    """(compile s, median step s) of a jitted training step from a fresh state."""
+    holder = [new_state(jax.tree.map(jnp.copy, params))]
 
     def once():
       holder[0], metrics = step(holder[0], step_batch)
@@ -389,48 +341,34 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
     return compile_s, t
 
   if "sft" in FLAGS.steps:
-    sft_batch = dict(common, loss_mask=completion,
+    sft_batch = dict(common, loss_mask=completion, valid=jnp.ones((b,), jnp.int32),
                      position_ids=jnp.asarray(np.transpose(pos, (1, 0, 2)), jnp.int32))
-    c, t = run_state_step(functools.partial(sft_step, config=config, optimizer=optimizer,
-                                            functional_ids=functional_ids, chunk=t_full),
-                          sft_batch)
-    rows.append(Row(name, "SFT step (tok/s)", hf_tok_s, b * t_full / t, hf_first, c, 1.2,
-                    flops / t / 1e9 / peak, flops / hf_t / 1e9 / peak_torch))
+    c.train.logprob_chunk = t_full  # every position's log-prob in one chunk
+    compile_s, t = time_step(sft_step_fn(c, config, mesh, optimizer, state_sh, functional_ids),
+                             sft_batch)
+    sft_flops = flops("sft")
+    rows.append(Row(name, "SFT step (tok/s)", hf_tok_s, b * t_full / t, hf_first, compile_s,
+                    1.2, sft_flops / t / 1e9 / peak, sft_flops / hf_t / 1e9 / peak_torch))
   if "la-grpo" in FLAGS.steps:
     logp = jnp.asarray(rng.normal(size=(b, t_full)) * 0.1 - 3.0, jnp.float32)
     rl_batch = dict(common, completion_mask=completion, old_logp=logp, sampler_logp=logp,
                     advantages=jnp.asarray(rng.normal(size=(b,)), jnp.float32))
-    rl = aot.default_rl()
-    rl.alpha = 0.1
-    hf_rl_first, hf_rl_t, _ = timed(functools.partial(torch_step, window=True), FLAGS.repeats)
-    c, t = run_state_step(functools.partial(rl_step, config=config, optimizer=optimizer, rl=rl,
-                                            functional_ids=functional_ids, chunk=n,
-                                            completion_length=n), rl_batch)
-    rl_flops = 3 * forward_flops(config, b, t_full, pixels.shape[1], logit_positions=n)
+    hf_rl_first, hf_rl_t, _ = timed(lambda: torch_step(window=True), FLAGS.repeats)
+    c.train.logprob_chunk = c.rl.max_new_tokens = n  # the completion's log-probs, one chunk
+    compile_s, t = time_step(rl_update_fn(c, config, mesh, optimizer, state_sh,
+                                          functional_ids), rl_batch)
+    rl_flops = flops("la-grpo", logit_positions=n)
     rows.append(Row(name, "LA-GRPO update (tok/s)", b * t_full / hf_rl_t, b * t_full / t,
-                    hf_rl_first, c, 1.2, rl_flops / t / 1e9 / peak,
+                    hf_rl_first, compile_s, 1.2, rl_flops / t / 1e9 / peak,
                     rl_flops / hf_rl_t / 1e9 / peak_torch))
   if FLAGS.decode_lengths:
     decode_vs_length(config, params, batch, [int(s) for s in FLAGS.decode_lengths])
   return rows
 
 
-def _impl_kwargs(config) -> dict:
-  import jax
-
-  from atlas_jax.model import attention
-  if FLAGS.attention_impl == "xla" and not hasattr(config, "attention_impl"):
-    return {}
-  return dict(attention_impl=attention.for_platform(FLAGS.attention_impl,
-                                                    jax.devices()[0].platform))
-
-
 def decode_vs_length(config, params, batch, lengths):
   """atlas_jax decode ms per step at several cache lengths S (prompt + new tokens): the
   cache update should not grow with S; only attention's reads of the cache do."""
-  import jax
-
-  from atlas_jax import sampler as sampler_lib
   t = batch["input_ids"].shape[1]
   print("decode (atlas_jax): cache length S -> ms per step for all rows "
         "(32 steps timed after prefill)")
@@ -459,8 +397,8 @@ def decode_vs_length(config, params, batch, lengths):
 
 
 def format_rows(rows: list[Row], peak_jax: float, peak_torch: float) -> str:
-  head = (f"| model | step | transformers | atlas_jax | ratio | goal | torch first call s | "
-          f"jax compile s | % of matmul peak: atlas_jax / transformers / the goal needs |")
+  head = ("| model | step | transformers | atlas_jax | ratio | goal | torch first call s | "
+          "jax compile s | % of matmul peak: atlas_jax / transformers / the goal needs |")
   lines = [f"matmul peak (fp32 2048^2): jnp {peak_jax:.0f} GFLOP/s, torch {peak_torch:.0f} "
            "GFLOP/s", head, "|" + "---|" * 9]
   for r in rows:
@@ -477,7 +415,6 @@ def format_rows(rows: list[Row], peak_jax: float, peak_torch: float) -> str:
 
 def main(argv):
   del argv
-  import torch
   torch.manual_seed(0)
   peak_jax, peak_torch = matmul_peak()
   bandwidth = stream_bandwidth()
@@ -496,4 +433,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,12 +26,16 @@ def one_line(error: BaseException) -> str:
   return " ".join(text.strip("'\"").split()) or type(error).__name__
 
 
-def run(main) -> None:
-  """`app.run(main)`; a user error ends with one line and exit status 2."""
+def run(main, flags_parser=None) -> None:
+  """`app.run(main)` (with `flags_parser` if given); a user error ends with one line and
+  exit status 2."""
   verbose = VERBOSE in sys.argv
   argv = [a for a in sys.argv if a != VERBOSE]
   try:
-    app.run(main, argv=argv)
+    if flags_parser is None:
+      app.run(main, argv=argv)
+    else:
+      app.run(main, argv=argv, flags_parser=flags_parser)
   except USER_ERRORS as e:
     if verbose:
       raise

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from atlas_jax import random_checkpoint
+
 # Tests compile many small programs and run each a few times, so compile time is most of
 # the suite's CPU time; every check compares results, not speed. LLVM at -O0, and XLA:CPU's
 # classic loop emitters instead of its MLIR fusion emitters: the tiny SFT step compiles in
@@ -51,65 +53,45 @@ IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 390, 391, 392, 393
 VOCAB = 400
 
 # Three configs that differ in what the architecture branches on: tied/untied embeddings,
-# GQA ratio, mrope_section, window size, full-attention blocks and vision depth.
+# GQA ratio, mrope_section, window size, full-attention blocks and vision depth (shapes in
+# `atlas_jax.random_checkpoint.hf_config`'s terms; the vocab is VOCAB).
 TINY_CONFIGS = {
     "tied_mha": dict(
         text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, mrope=[2, 3, 3], tie=True),
+                  num_attention_heads=4, num_key_value_heads=4, mrope_section=[2, 3, 3],
+                  tie_word_embeddings=True),
         vision=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2,
                     window_size=56, fullatt_block_indexes=[1])),
     "gqa2_wide_window": dict(
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, mrope=[4, 2, 2], tie=False),
+                  num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 2, 2],
+                  tie_word_embeddings=False),
         vision=dict(depth=4, hidden_size=48, intermediate_size=64, num_heads=3,
                     window_size=112, fullatt_block_indexes=[0, 3])),
     "gqa4_unit_window": dict(
         text=dict(hidden_size=128, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, mrope=[2, 3, 3], tie=False),
+                  num_attention_heads=8, num_key_value_heads=2, mrope_section=[2, 3, 3],
+                  tie_word_embeddings=False),
         vision=dict(depth=2, hidden_size=32, intermediate_size=40, num_heads=2,
                     window_size=28, fullatt_block_indexes=[])),
 }
 
 
 def hf_config(name: str):
-  from transformers import Qwen2_5_VLConfig
   spec = TINY_CONFIGS[name]
-  t, v = spec["text"], spec["vision"]
-  return Qwen2_5_VLConfig(
-      text_config=dict(
-          vocab_size=VOCAB, hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
-          num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
-          num_key_value_heads=t["num_key_value_heads"], rms_norm_eps=1e-6,
-          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                           "mrope_section": t["mrope"]},
-          tie_word_embeddings=t["tie"], bos_token_id=0, eos_token_id=1, pad_token_id=2),
-      vision_config=dict(
-          depth=v["depth"], hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
-          num_heads=v["num_heads"], out_hidden_size=t["hidden_size"], window_size=v["window_size"],
-          fullatt_block_indexes=v["fullatt_block_indexes"], patch_size=14, spatial_merge_size=2,
-          temporal_patch_size=2),
-      image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-      vision_end_token_id=VISION_END, tie_word_embeddings=t["tie"])
+  return random_checkpoint.hf_config(
+      dict(spec["text"], vocab_size=VOCAB), spec["vision"], image_token_id=IMAGE_TOKEN,
+      video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+      vision_end_token_id=VISION_END)
 
 
 def make_hf_model(name: str, seed: int = 0):
   """A random fp32 HF model in eval mode, with non-trivial norms and biases."""
-  import torch
-  from transformers import Qwen2_5_VLForConditionalGeneration
-  torch.manual_seed(seed)
-  model = Qwen2_5_VLForConditionalGeneration._from_config(
-      hf_config(name), attn_implementation="eager", dtype=torch.float32).eval()
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("bias") or "norm" in pname or "ln_q" in pname:
-        p.add_(0.1 * torch.randn_like(p))  # HF initialises these to 0/1; make them matter
-  return model
+  return random_checkpoint.random_model(hf_config(name), seed=seed)
 
 
 def save_tiny_hf(name: str, path: str, seed: int = 0, **save_kwargs):
-  model = make_hf_model(name, seed)
-  model.save_pretrained(path, **save_kwargs)
-  return model
+  return random_checkpoint.write(path, hf_config(name), seed=seed, **save_kwargs)
 
 
 def random_image(rng: np.random.Generator, height: int, width: int):
@@ -153,9 +135,6 @@ def save_tiny_hf_with_tokenizer(path: str, name: str = "gqa2_wide_window", spare
                                 seed: int = 0):
   """A tiny random HF model whose vocab and special ids come from the tiny tokenizer, saved
   with that tokenizer (a self-consistent local "hub" checkpoint). Returns (model, tokenizer)."""
-  import torch
-  from transformers import Qwen2_5_VLForConditionalGeneration
-
   from atlas_jax.data.tokenizer import build_tokenizer
   tok = build_tokenizer(path)
   cfg = hf_config(name)
@@ -168,10 +147,7 @@ def save_tiny_hf_with_tokenizer(path: str, name: str = "gqa2_wide_window", spare
   cfg.text_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
   cfg.text_config.pad_token_id = tok.pad_token_id
   cfg.text_config.bos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
-  torch.manual_seed(seed)
-  model = Qwen2_5_VLForConditionalGeneration._from_config(
-      cfg, attn_implementation="eager", dtype=torch.float32).eval()
-  model.save_pretrained(path)
+  model = random_checkpoint.write(path, cfg, seed=seed, norm_noise=0.0)
   return model, tok
 
 

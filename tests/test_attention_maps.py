@@ -148,7 +148,8 @@ def test_command_line_writes_one_png_per_example(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run(
       [sys.executable, "-m", "launch.attention_maps", f"--checkpoint={hf_dir}",
-       f"--data={data}", f"--output={out}", "--layers=0:2", "--max_new_tokens=6"],
+       f"--data={data}", f"--output={out}", "--layers=0:2",
+       "--config.eval.max_new_tokens=6"],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
       capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -114,6 +114,7 @@ def test_settings_are_checked(model):
 def test_command_line_on_a_hugging_face_directory(tmp_path, capsys):
   from absl import flags
 
+  from launch import checkpoint_config
   from launch import evaluate as launch_evaluate
   hf_dir = str(tmp_path / "hf")
   factories.save_tiny_hf_with_tokenizer(hf_dir)
@@ -123,11 +124,12 @@ def test_command_line_on_a_hugging_face_directory(tmp_path, capsys):
   write_tsv(tmp_path / "b.tsv", rows)
   out = str(tmp_path / "out")
   flags.FLAGS.unparse_flags()
-  flags.FLAGS(["evaluate", f"--checkpoint={hf_dir}", f"--data={tmp_path / 'b.tsv'}",
-               f"--output={out}", "--max_new_tokens=8", "--batch_size=2", "--prompt=boxed",
-               "--subtasks=blink_atlas"])
+  argv = checkpoint_config.parse_flags(
+      ["evaluate", f"--checkpoint={hf_dir}", f"--data={tmp_path / 'b.tsv'}", f"--output={out}",
+       "--config.eval.max_new_tokens=8", "--config.eval.batch_size=2", "--prompt=boxed",
+       "--subtasks=blink_atlas"])
   try:
-    launch_evaluate.main(["evaluate"])
+    launch_evaluate.main(argv)
   finally:
     flags.FLAGS.unparse_flags()
   summary = json.loads(open(os.path.join(out, "summary.json")).read())

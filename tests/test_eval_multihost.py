@@ -21,14 +21,17 @@ def _run(processes: int, hf_dir: str, data: str, out: str, cache: str) -> None:
   # logits are near ties) sees bitwise the same numbers.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=cache,
              XLA_FLAGS=factories.xla_flags(4 if processes == 1 else 2))
-  flags = [f"--checkpoint={hf_dir}", f"--data={data}", f"--output={out}", "--batch_size=4",
-           "--max_new_tokens=8", "--max_length=128"]
+  flags = [f"--checkpoint={hf_dir}", f"--data={data}", f"--output={out}",
+           "--config.eval.batch_size=4", "--config.eval.max_new_tokens=8",
+           "--config.data.max_length=128"]
   if processes > 1:
-    flags += ["--distributed", f"--coordinator_address=localhost:{factories.free_port()}",
-              f"--num_processes={processes}"]
+    flags += ["--config.distributed.initialize=true",
+              f"--config.distributed.coordinator_address=localhost:{factories.free_port()}",
+              f"--config.distributed.num_processes={processes}"]
   factories.run_processes(
       [[sys.executable, "-m", "launch.evaluate", *flags,
-        *([f"--process_id={i}"] if processes > 1 else [])] for i in range(processes)],
+        *([f"--config.distributed.process_id={i}"] if processes > 1 else [])]
+       for i in range(processes)],
       cwd=ROOT, env=env, timeout=TIMEOUT_S)
 
 

@@ -29,7 +29,7 @@ CONFIG = ModelConfig(
 
 def _optim(**kw):
   base = dict(lr=1e-2, warmup_steps=0, total_steps=10, final_lr_fraction=0.1, weight_decay=0.0,
-              b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze_vision=False)
+              b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1)
   return ml_collections.ConfigDict(dict(base, **kw))
 
 
@@ -84,7 +84,8 @@ def test_non_finite_loss_skips_the_update_and_counts_it(skip):
 
 
 def test_frozen_vision_tower_does_not_move():
-  hist, _ = _run(_optim(freeze_vision=True), [_batch(), _batch()])
+  frozen = {"trainable": False}
+  hist, _ = _run(_optim(vision=frozen, merger=frozen), [_batch(), _batch()])
   assert _same(hist[-1].params["visual"], hist[0].params["visual"])
   assert not _same(hist[-1].params["decoder"], hist[0].params["decoder"])
 
