@@ -36,7 +36,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # The longest files (by a full run's --durations), started first so that the parallel
 # workers finish together.
-_LONGEST_FIRST = ("test_distributed_rl.py", "test_sft_loop.py", "test_multidevice.py",
+_LONGEST_FIRST = ("test_device_check.py", "test_distributed_rl.py", "test_sft_loop.py",
+                  "test_multidevice.py",
                   "test_ablate.py", "test_rl_loop.py", "test_aot.py", "test_hf_export.py",
                   "test_distributed.py", "test_eval_training.py", "test_multi_image.py",
                   "test_bench.py",
