@@ -24,11 +24,12 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from atlas_jax import sharding  # noqa: E402
-from atlas_jax.model import forward, init_params  # noqa: E402
+from atlas_jax.model import forward, init_params, param_shardings  # noqa: E402
 from atlas_jax.run import optimizer as optimizer_lib  # noqa: E402
 from atlas_jax.sft.update import sft_step  # noqa: E402
 from atlas_jax.run.state import TrainState  # noqa: E402
 from atlas_jax.sampler import Sampler, SamplerSettings  # noqa: E402
+from atlas_jax.rl import grpo  # noqa: E402
 from atlas_jax.rl.update import rl_step  # noqa: E402
 from atlas_jax.run.logprobs import token_logps  # noqa: E402
 
@@ -38,7 +39,7 @@ MESHES = {"1": None, "fsdp=8": dict(data=1, fsdp=8, tensor=1),
           "fsdp=4,tensor=2": dict(data=1, fsdp=4, tensor=2)}
 OPTIM = ml_collections.ConfigDict(dict(
     lr=1e-2, warmup_steps=1, total_steps=10, final_lr_fraction=0.1, weight_decay=0.01, b1=0.9,
-    b2=0.95, eps=1e-3, clip_norm=1.0, grad_accum=1, freeze_vision=False))
+    b2=0.95, eps=1e-3, clip_norm=1.0, grad_accum=1))
 # eps 1e-3, not 1e-8: Adam divides by sqrt(v) + eps, which would turn fp32 rounding noise
 # on near-zero gradients (different reduction orders per mesh) into full-size steps.
 
@@ -62,9 +63,7 @@ def batch():
 
 FUNCTIONAL = (7, 9)
 STOP_IDS = (3,)
-RL = ml_collections.ConfigDict(dict(
-    temperature=1.0, clip_low=0.2, clip_high=0.28, loss_agg="token-mean", beta=0.0,
-    kl_estimator="k3", tis_cap=0.0, alpha=0.1, anchor="pg"))
+RL_SETTINGS = grpo.LossSettings(alpha=0.1)  # clip 0.2 / 0.28, token-mean, no KL, no TIS
 # No warmup for the RL updates: with OPTIM's warmup_steps=1 the first update has lr 0, so
 # the second would see unchanged params and ratio == 1 everywhere (a loss that hardly
 # depends on the model). Here both updates move the params and the second step's loss,
@@ -109,7 +108,7 @@ def flat(tree):
 def run(mesh_shape):
   devices = jax.devices()[:1] if mesh_shape is None else jax.devices()
   mesh = sharding.make_mesh(mesh_shape or dict(data=1, fsdp=1, tensor=1), devices=devices)
-  param_sh = sharding.param_shardings(mesh, CONFIG)
+  param_sh = param_shardings(mesh, CONFIG)
   init = jax.jit(lambda: init_params(CONFIG, jax.random.key(0)), out_shardings=param_sh)
   params = init()
   optimizer = optimizer_lib.make_optimizer(OPTIM)
@@ -147,7 +146,8 @@ def run(mesh_shape):
   rl_dev = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
             for k, v in rl_batch(params).items()}
   with sharding.with_rules(mesh):
-    update = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=rl_optimizer, rl=RL,
+    update = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=rl_optimizer,
+                                       settings=RL_SETTINGS, temperature=1.0,
                                        functional_ids=jnp.array(FUNCTIONAL), chunk=16),
                      out_shardings=(rl_state_sh, sharding.replicated(mesh)), donate_argnums=0)
     rl_metrics = []

@@ -116,25 +116,28 @@ def test_kl_term_aggregation_and_beta_zero_needs_no_reference():
   d = ref - logp
   k3 = np.exp(d) - d - 1
   seq_mean = lambda v: ((v[0, :2].sum() / 2) + (v[1].sum() / 3)) / 2
-  loss, m = grpo.grpo_loss(logp, old, adv, mask, beta=0.1, ref_logp=ref,
-                           loss_agg="seq-mean-token-mean")
+  loss, m = grpo.grpo_loss(logp, old, adv, mask,
+                           grpo.LossSettings(beta=0.1, loss_agg="seq-mean-token-mean"),
+                           ref_logp=ref)
   assert float(loss) == pytest.approx(seq_mean(surr) + 0.1 * seq_mean(k3), rel=1e-5)
   assert float(m["kl"]) == pytest.approx((k3 * mask).sum() / 5, rel=1e-5)
   # beta = 0: no KL in the loss, but the metric is still reported when ref is given.
-  base, m0 = grpo.grpo_loss(logp, old, adv, mask, ref_logp=ref, kl_estimator="k1")
+  base, m0 = grpo.grpo_loss(logp, old, adv, mask, grpo.LossSettings(kl_estimator="k1"),
+                            ref_logp=ref)
   assert float(base) == pytest.approx((surr * mask).sum() / 5, rel=1e-5)
   assert float(m0["kl"]) == pytest.approx(((logp - ref) * mask).sum() / 5, rel=1e-5)
   _, no_ref = grpo.grpo_loss(logp, old, adv, mask)
   assert "kl" not in no_ref
   with pytest.raises(ValueError, match="beta 0.1 needs ref_logp"):
-    grpo.grpo_loss(logp, old, adv, mask, beta=0.1)
+    grpo.grpo_loss(logp, old, adv, mask, grpo.LossSettings(beta=0.1))
 
 
 def test_truncated_importance_sampling_weights_are_capped():
   logp = old = np.zeros((1, 3), np.float32)
   sampler = np.log(np.array([[0.25, 2.0, 1.0]], np.float32))  # exp(0 - s) = 4, 0.5, 1
   adv, mask = np.array([1.0], np.float32), np.ones((1, 3), np.float32)
-  f = lambda lp, s: grpo.grpo_loss(lp, old, adv, mask, sampler_logp=s, tis_cap=2.0)
+  f = lambda lp, s: grpo.grpo_loss(lp, old, adv, mask, grpo.LossSettings(tis_cap=2.0),
+                                   sampler_logp=s)
   (loss, m), (g_logp, g_sampler) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
       jnp.asarray(logp), jnp.asarray(sampler))
   w = np.array([2.0, 0.5, 1.0])  # 4 capped at 2
@@ -144,7 +147,7 @@ def test_truncated_importance_sampling_weights_are_capped():
   np.testing.assert_array_equal(np.asarray(g_sampler), 0.0)  # weight is stop-gradient
   assert "tis_weight_mean" not in grpo.grpo_loss(logp, old, adv, mask)[1]
   with pytest.raises(ValueError, match="tis_cap 2.0 needs sampler_logp"):
-    grpo.grpo_loss(logp, old, adv, mask, tis_cap=2.0)
+    grpo.grpo_loss(logp, old, adv, mask, grpo.LossSettings(tis_cap=2.0))
 
 
 def _case():
@@ -162,11 +165,12 @@ def _case():
 
 def test_alpha_zero_is_exactly_grpo():
   logp, old, adv, mask, fmask = _case()
-  f = lambda lp, **kw: grpo.grpo_loss(lp, old, adv, mask, **kw)[0]
+  f = lambda lp, *settings, **kw: grpo.grpo_loss(lp, old, adv, mask, *settings, **kw)[0]
   l0, g0 = jax.value_and_grad(f)(jnp.asarray(logp))
   for anchor in grpo.ANCHORS:
+    settings = grpo.LossSettings(alpha=0.0, anchor=anchor)
     l1, g1 = jax.value_and_grad(
-        lambda lp: f(lp, functional_mask=fmask, alpha=0.0, anchor=anchor))(jnp.asarray(logp))
+        lambda lp: f(lp, settings, functional_mask=fmask))(jnp.asarray(logp))
     assert float(l0) == float(l1)
     np.testing.assert_array_equal(np.asarray(g0), np.asarray(g1))
 
@@ -174,7 +178,8 @@ def test_alpha_zero_is_exactly_grpo():
 def test_pg_anchor_is_the_mean_surrogate_over_functional_positions():
   logp, old, adv, mask, fmask = _case()
   fmask[3, 180] = 1  # padding: not a completion token, so not in M_func
-  loss, m = grpo.grpo_loss(logp, old, adv, mask, functional_mask=fmask, alpha=0.5)
+  loss, m = grpo.grpo_loss(logp, old, adv, mask, grpo.LossSettings(alpha=0.5),
+                           functional_mask=fmask)
   surr = _surrogate(np.exp(logp - old), adv[:, None])
   want_anchor = (surr[0, 10] + surr[1, 50]) / 2
   assert float(m["anchor_loss"]) == pytest.approx(want_anchor, rel=1e-5)
@@ -183,7 +188,7 @@ def test_pg_anchor_is_the_mean_surrogate_over_functional_positions():
   assert float(m["pg_loss"]) == pytest.approx(want_grpo, rel=1e-5)
   assert float(loss) == pytest.approx(want_grpo + 0.5 * want_anchor, rel=1e-5)
   with pytest.raises(ValueError, match="alpha 0.5 needs functional_mask"):
-    grpo.grpo_loss(logp, old, adv, mask, alpha=0.5)
+    grpo.grpo_loss(logp, old, adv, mask, grpo.LossSettings(alpha=0.5))
 
 
 @pytest.mark.parametrize("anchor", grpo.ANCHORS)
@@ -195,8 +200,8 @@ def test_empty_anchor_is_zero_with_finite_gradient(anchor):
   else:  # functional tokens only in negative-advantage rollouts: M_func is empty
     fmask = np.zeros_like(fmask)
     fmask[1, 5] = fmask[3, 7] = 1
-  f = lambda lp: grpo.grpo_loss(lp, old, adv, mask, functional_mask=fmask, alpha=1.0,
-                                anchor=anchor)
+  f = lambda lp: grpo.grpo_loss(lp, old, adv, mask, grpo.LossSettings(alpha=1.0, anchor=anchor),
+                                functional_mask=fmask)
   (val, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp))
   assert float(m["anchor_loss"]) == 0.0 and float(m["functional_positions"]) == 0.0
   assert float(val) == pytest.approx(base, rel=1e-6)
@@ -206,8 +211,8 @@ def test_empty_anchor_is_zero_with_finite_gradient(anchor):
 def test_nll_pos_anchor_uses_positive_advantage_rollouts_only():
   logp, old, adv, mask, fmask = _case()  # row 0 has A > 0, row 1 has A < 0
   fmask[2, 20] = 1  # A = 0.8 > 0
-  f = lambda lp, a: grpo.grpo_loss(lp, old, adv, mask, functional_mask=fmask, alpha=a,
-                                   anchor="nll_pos")
+  f = lambda lp, a: grpo.grpo_loss(lp, old, adv, mask, grpo.LossSettings(alpha=a, anchor="nll_pos"),
+                                   functional_mask=fmask)
   (_, m), g1 = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), 2.0)
   g0 = jax.grad(lambda lp: f(lp, 0.0)[0])(jnp.asarray(logp))
   assert float(m["functional_positions"]) == 2
@@ -223,7 +228,8 @@ def test_gradient_dilution_on_arrays():
   adds 1/2, so the gradient at those positions grows by 1 + 750/2 = 376x."""
   logp, old, adv, mask, fmask = _case()
   grad = lambda a: np.asarray(jax.grad(lambda lp: grpo.grpo_loss(
-      lp, old, adv, mask, functional_mask=fmask, alpha=a)[0])(jnp.asarray(logp)))
+      lp, old, adv, mask, grpo.LossSettings(alpha=a), functional_mask=fmask)[0])(
+          jnp.asarray(logp)))
   g0, g1 = grad(0.0), grad(1.0)
   at = fmask > 0
   ratio = g1[at] / g0[at]
@@ -239,8 +245,8 @@ def test_garbage_at_masked_positions_does_not_leak():
   dirty_old[3, 150:] = 500.0  # exp(logp - old) underflows, exp(old - sampler) overflows
   dirty_ref[3, 150:] = 500.0
   def f(lp, o, r):
-    return grpo.grpo_loss(lp, o, adv, mask, beta=0.1, ref_logp=r, sampler_logp=logp,
-                          tis_cap=2.0, functional_mask=fmask, alpha=1.0)[0]
+    return grpo.grpo_loss(lp, o, adv, mask, grpo.LossSettings(beta=0.1, tis_cap=2.0, alpha=1.0),
+                          ref_logp=r, sampler_logp=logp, functional_mask=fmask)[0]
   clean, g_clean = jax.value_and_grad(f)(jnp.asarray(logp), old, ref)
   dirty, g_dirty = jax.value_and_grad(f)(jnp.asarray(logp), dirty_old, dirty_ref)
   assert np.isfinite(float(dirty)) and float(dirty) == pytest.approx(float(clean), rel=1e-6)
@@ -249,10 +255,10 @@ def test_garbage_at_masked_positions_does_not_leak():
 
 def test_jit_with_a_traced_alpha_matches_eager():
   logp, old, adv, mask, fmask = _case()
-  eager, m_eager = grpo.grpo_loss(logp, old, adv, mask, functional_mask=fmask, alpha=0.5,
-                                  loss_agg="seq-mean-token-sum-norm")
-  jitted = jax.jit(lambda lp, a: grpo.grpo_loss(
-      lp, old, adv, mask, functional_mask=fmask, alpha=a, loss_agg="seq-mean-token-sum-norm"))
+  settings = lambda a: grpo.LossSettings(alpha=a, loss_agg="seq-mean-token-sum-norm")
+  eager, m_eager = grpo.grpo_loss(logp, old, adv, mask, settings(0.5), functional_mask=fmask)
+  jitted = jax.jit(lambda lp, a: grpo.grpo_loss(lp, old, adv, mask, settings(a),
+                                                functional_mask=fmask))
   loss, m = jitted(logp, jnp.float32(0.5))
   assert float(loss) == pytest.approx(float(eager), rel=1e-6)
   assert set(m) == set(m_eager) and all(v.dtype == jnp.float32 for v in m.values())
@@ -262,15 +268,15 @@ def test_bad_arguments_are_named():
   logp, old, adv, mask, fmask = _case()
   call = functools.partial(grpo.grpo_loss, logp, old, adv, mask)
   with pytest.raises(ValueError, match="anchor 'kl'"):
-    call(anchor="kl")
+    call(grpo.LossSettings(anchor="kl"))
   with pytest.raises(ValueError, match="kl_estimator 'k2'"):
-    call(kl_estimator="k2")  # rejected even without a reference
+    call(grpo.LossSettings(kl_estimator="k2"))  # rejected even without a reference
   with pytest.raises(ValueError, match="loss aggregation 'mean'"):
-    call(loss_agg="mean")
+    call(grpo.LossSettings(loss_agg="mean"))
   with pytest.raises(ValueError, match=r"advantages has shape \(3,\), expected \(4,\)"):
     grpo.grpo_loss(logp, old, adv[:3], mask)
   with pytest.raises(ValueError, match="functional_mask has shape"):
-    call(functional_mask=fmask[:, :10], alpha=1.0)
+    call(grpo.LossSettings(alpha=1.0), functional_mask=fmask[:, :10])
 
 
 def test_dual_clip_caps_negative_advantage_losses():
@@ -279,7 +285,7 @@ def test_dual_clip_caps_negative_advantage_losses():
   ratio = np.array([[5.0, 2.0, 0.5], [5.0, 2.0, 0.5]], np.float32)
   logp, old = np.log(ratio), np.zeros((2, 3), np.float32)
   adv, mask = np.array([-1.0, 1.0], np.float32), np.ones((2, 3), np.float32)
-  f = lambda lp, c: grpo.grpo_loss(lp, old, adv, mask, clip_ratio_c=c)
+  f = lambda lp, c: grpo.grpo_loss(lp, old, adv, mask, grpo.LossSettings(clip_ratio_c=c))
   (loss, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), 3.0)
   # A = -1: max(r, clip(r)) = 5 -> capped at 3, 2, 0.8 (clipped low);
   # A = +1: -min(r, clip(r)) = -1.28, -1.28, -0.5
@@ -304,11 +310,12 @@ def test_log_ratio_is_clamped_before_exp():
   logp = np.array([[100.0, 0.0]], np.float32)
   old, mask = np.zeros((1, 2), np.float32), np.ones((1, 2), np.float32)
   neg = lambda clamp: grpo.grpo_loss(logp, old, np.array([-1.0], np.float32), mask,
-                                     clip_ratio_c=0.0, log_ratio_clamp=clamp)[0]
+                                     grpo.LossSettings(clip_ratio_c=0.0,
+                                                       log_ratio_clamp=clamp))[0]
   assert float(neg(20.0)) == pytest.approx((np.exp(20.0) + 1.0) / 2, rel=1e-5)
   assert float(neg(0.0)) == np.inf  # without the clamp
   pos = lambda lp, clamp: grpo.grpo_loss(lp, old, np.array([1.0], np.float32), mask,
-                                         log_ratio_clamp=clamp)[0]
+                                         grpo.LossSettings(log_ratio_clamp=clamp))[0]
   grad = np.asarray(jax.grad(pos)(jnp.asarray(logp), 20.0))
   np.testing.assert_allclose(grad, [[0.0, -0.5]])  # clipped high: no gradient
   assert np.isnan(np.asarray(jax.grad(pos)(jnp.asarray(logp), 0.0))[0, 0])
@@ -329,7 +336,7 @@ def test_gspo_sequence_ratio_value_and_gradient():
   logp, old, adv, mask = _gspo_case()
   s0 = np.exp(0.1)
   f = lambda lp, level, agg="token-mean": grpo.grpo_loss(
-      lp, old, adv, mask, importance_level=level, loss_agg=agg)
+      lp, old, adv, mask, grpo.LossSettings(importance_level=level, loss_agg=agg))
   (loss, m), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), "sequence")
   want = (3 * -1.0 * s0 + 2 * -2.0 * 1.28) / 5
   assert float(loss) == pytest.approx(want, rel=1e-5)
@@ -355,7 +362,7 @@ def test_gspo_sequence_ratio_value_and_gradient():
                              rtol=1e-5, atol=1e-7)
   # no dual-clip at the sequence level: A < 0 with s = e^2 > 3 is not capped at -A * 3
   big = old + np.float32(2.0)
-  neg = grpo.grpo_loss(big, old, -adv, mask, importance_level="sequence")
+  neg = grpo.grpo_loss(big, old, -adv, mask, grpo.LossSettings(importance_level="sequence"))
   assert float(neg[0]) == pytest.approx((3 * np.exp(2.0) + 2 * 2 * np.exp(2.0)) / 5, rel=1e-5)
   assert float(neg[1]["dual_clip_fraction"]) == 0.0
   with pytest.raises(ValueError, match="importance_level 'group'"):
@@ -367,8 +374,9 @@ def test_anchor_with_gspo_and_dual_clip():
   logp, old, adv, mask = _gspo_case()
   fmask = np.zeros_like(mask)
   fmask[0, 1] = fmask[1, 0] = 1
-  f = lambda lp, a: grpo.grpo_loss(lp, old, adv, mask, importance_level="sequence",
-                                   functional_mask=fmask, alpha=a)
+  f = lambda lp, a: grpo.grpo_loss(lp, old, adv, mask,
+                                   grpo.LossSettings(importance_level="sequence", alpha=a),
+                                   functional_mask=fmask)
   (loss, m), g1 = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logp), 1.0)
   s0 = np.exp(0.1)
   assert float(m["anchor_loss"]) == pytest.approx((-s0 - 2.56) / 2, rel=1e-5)
@@ -381,11 +389,14 @@ def test_anchor_with_gspo_and_dual_clip():
   ratio = np.array([[5.0, 0.5]], np.float32)
   loss_d, m_d = grpo.grpo_loss(np.log(ratio), np.zeros((1, 2), np.float32),
                                np.array([-1.0], np.float32), np.ones((1, 2), np.float32),
-                               functional_mask=np.ones((1, 2), np.float32), alpha=0.5)
+                               grpo.LossSettings(alpha=0.5),
+                               functional_mask=np.ones((1, 2), np.float32))
   assert float(m_d["anchor_loss"]) == pytest.approx((3.0 + 0.8) / 2, rel=1e-6)
   # nll_pos is -log pi at positive-advantage functional positions at either level
-  _, m_nll = grpo.grpo_loss(logp, old, adv, mask, importance_level="sequence",
-                            functional_mask=fmask, alpha=1.0, anchor="nll_pos")
+  _, m_nll = grpo.grpo_loss(logp, old, adv, mask,
+                            grpo.LossSettings(importance_level="sequence", alpha=1.0,
+                                              anchor="nll_pos"),
+                            functional_mask=fmask)
   assert float(m_nll["anchor_loss"]) == pytest.approx(-(logp[0, 1] + logp[1, 0]) / 2,
                                                       rel=1e-6)
 
@@ -396,5 +407,22 @@ def test_dr_grpo_and_verl_norm_in_the_loss_use_max_length():
   for mode, want in (("dr_grpo", surr.sum() / (2 * 8)),
                      ("seq-mean-token-sum-norm", surr.sum() / 8),
                      ("seq-mean-token-sum", surr.sum() / 2)):
-    loss = grpo.grpo_loss(logp, old, adv, mask, loss_agg=mode, max_length=8)[0]
+    loss = grpo.grpo_loss(logp, old, adv, mask, grpo.LossSettings(loss_agg=mode, max_length=8))[0]
     assert float(loss) == pytest.approx(want, rel=1e-5), mode
+
+
+def test_settings_come_from_an_rl_group_and_are_hashable():
+  """`LossSettings.from_rl` reads the rl fields of the same names (max_length:
+  rl.max_new_tokens); equal groups give equal, equally hashed settings (a static jit
+  argument, a step-cache key)."""
+  import dataclasses
+  from atlas_jax.config import base_config
+  rl = base_config().rl
+  settings = grpo.LossSettings.from_rl(rl)
+  assert settings == grpo.LossSettings.from_rl(base_config().rl)
+  assert hash(settings) == hash(grpo.LossSettings.from_rl(base_config().rl))
+  for field in dataclasses.fields(settings):
+    name = "max_new_tokens" if field.name == "max_length" else field.name
+    assert getattr(settings, field.name) == rl[name], field.name
+  rl.alpha = 0.5
+  assert grpo.LossSettings.from_rl(rl) != settings

@@ -8,7 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from atlas_jax.config import base_config
 from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, init_params
+from atlas_jax.rl import grpo
 from atlas_jax.rl.update import rl_loss, rl_step
 from atlas_jax.run import optimizer as optimizer_lib
 from atlas_jax.run.state import TrainState
@@ -23,9 +25,11 @@ FUNCTIONAL = np.array([240, 241, 242, 243, 244], np.int32)
 
 
 def _rl(alpha, **kw):
-  return ml_collections.ConfigDict(dict(dict(
-      temperature=1.0, clip_low=0.2, clip_high=0.28, loss_agg="token-mean", beta=0.0,
-      kl_estimator="k3", tis_cap=0.0, alpha=alpha, anchor="pg"), **kw))
+  """rl_loss's settings from the base rl group (max_new_tokens 128 = the rollouts' length,
+  temperature 1) with these changes."""
+  rl = base_config().rl
+  rl.update(dict(alpha=alpha, **kw))
+  return dict(settings=grpo.LossSettings.from_rl(rl), temperature=rl.temperature)
 
 
 def _rollouts(params):
@@ -55,7 +59,7 @@ def test_gradient_dilution_on_functional_rows():
       batch["completion_mask"].sum()
   norms = {}
   for alpha in (0.0, 0.1):
-    loss = functools.partial(rl_loss, CONFIG, batch=batch, rl=_rl(alpha),
+    loss = functools.partial(rl_loss, CONFIG, batch=batch, **_rl(alpha),
                              functional_ids=jnp.asarray(FUNCTIONAL), chunk=64)
     grads, _ = jax.jit(jax.grad(loss, has_aux=True))(params)
     head = grads["lm_head"]["kernel"][:, FUNCTIONAL]
@@ -73,12 +77,12 @@ def test_alpha_zero_update_equals_grpo_and_nan_is_skipped():
   batch = _rollouts(params)
   optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=0, total_steps=10, final_lr_fraction=1.0, weight_decay=0.0,
-      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze_vision=False))
+      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1))
   tx = optimizer_lib.make_optimizer(optim)
   state = TrainState.create(params, tx, 0)
 
   def run(rl, b):
-    step = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=tx, rl=rl,
+    step = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=tx, **rl,
                                      functional_ids=jnp.asarray(FUNCTIONAL), chunk=64))
     return step(state, b)
 
@@ -121,16 +125,16 @@ def test_dilution_diagnostic_is_logged_under_grpo_and_la_grpo():
   batch = _rollouts(params)
   optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=0, total_steps=10, final_lr_fraction=1.0, weight_decay=0.0,
-      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze_vision=False))
+      b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1))
   tx = optimizer_lib.make_optimizer(optim)
   ratios = {}
   for alpha in (0.0, 0.1):
     rl = _rl(alpha)
-    loss = functools.partial(rl_loss, CONFIG, batch=batch, rl=rl,
+    loss = functools.partial(rl_loss, CONFIG, batch=batch, **rl,
                              functional_ids=jnp.asarray(FUNCTIONAL), chunk=64)
     grads, _ = jax.jit(jax.grad(loss, has_aux=True))(params)
     want_func, want_other = _row_norms(grads, batch)
-    step = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=tx, rl=rl,
+    step = jax.jit(functools.partial(rl_step, config=CONFIG, optimizer=tx, **rl,
                                      functional_ids=jnp.asarray(FUNCTIONAL), chunk=64))
     _, m = step(TrainState.create(params, tx, 0), batch)
     assert float(m["functional_row_grad_norm"]) == pytest.approx(want_func, rel=1e-4)
@@ -143,14 +147,14 @@ def test_dilution_diagnostic_is_logged_under_grpo_and_la_grpo():
 
 
 def test_variant_fields_reach_the_loss():
-  """GSPO, dual-clip, the clamp and TRL's dr_grpo through rl_loss; an rl group without the
-  new fields means token-level ratios, c = 3 and the clamp at 20."""
+  """GSPO, dual-clip, the clamp and TRL's dr_grpo through rl_loss; the base rl group means
+  token-level ratios, c = 3 and the clamp at 20."""
   params = init_params(CONFIG, jax.random.key(0))
   batch = dict(_rollouts(params))
   shift = np.where(np.arange(batch["old_logp"].shape[1]) % 2, 0.3, -0.2).astype(np.float32)
   batch["old_logp"] = batch["old_logp"] + shift[None, :]  # ratios e^0.2, e^-0.3: some clipped
   run = lambda rl: jax.jit(functools.partial(
-      rl_loss, CONFIG, rl=rl, functional_ids=jnp.asarray(FUNCTIONAL), chunk=64))(
+      rl_loss, CONFIG, **rl, functional_ids=jnp.asarray(FUNCTIONAL), chunk=64))(
           params, batch=batch)
   old_style = run(_rl(0.1))
   explicit = run(_rl(0.1, clip_ratio_c=3.0, log_ratio_clamp=20.0, importance_level="token"))
@@ -181,7 +185,7 @@ def test_the_completion_window_matches_every_position():
   assert not np.asarray(logp)[~predicts].any() and not np.asarray(ent)[~predicts].any()
   grads = {}
   for length in (None, n):
-    loss = functools.partial(rl_loss, CONFIG, batch=batch, rl=_rl(0.1),
+    loss = functools.partial(rl_loss, CONFIG, batch=batch, **_rl(0.1),
                              functional_ids=jnp.asarray(FUNCTIONAL), chunk=16,
                              completion_length=length)
     grads[length] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

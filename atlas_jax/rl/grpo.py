@@ -9,9 +9,9 @@ clip c = 3, log-ratio clamped at 20) or its `gspo` loss.
 
 Letters: B completions (prompts x G, each group consecutive), T positions (prediction
 layout: entry t belongs to the token predicted at t), G group size. Everything is fp32 and
-jittable; string and int arguments are static (close over them or mark them static).
+jittable; `grpo_loss` takes its settings as one frozen, hashable `LossSettings`.
 
-LA-GRPO:  L = L_GRPO + alpha * (1/|M_func|) * sum_{t in M_func} l_t
+LA-GRPO:  L = L_GRPO + alpha * (1/|M_func|) * sum_{t in M_func} l_t   (`anchor_loss`)
 where M_func are the functional-token positions of the batch's completions. Under plain
 GRPO a sequence-level advantage spreads over hundreds of tokens and the few functional
 ones get a tiny share of the gradient ("gradient dilution"); the anchor, averaged over
@@ -22,6 +22,7 @@ rollouts with positive advantage; |M_func| then counts only those positions).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,6 +39,64 @@ def _is_zero(x) -> bool:
 def _check_shape(name: str, x, shape):
   if x.shape != tuple(shape):
     raise ValueError(f"{name} has shape {x.shape}, expected {tuple(shape)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """The settings of `grpo_loss`: frozen and hashable (a static jit argument, a step-cache
+  key). `from_rl` takes them from a config's rl group, whose fields have the same names
+  (max_length is rl.max_new_tokens); the defaults are the base config's values except
+  alpha 0 (plain GRPO) and max_length None.
+
+    clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+    loss_agg: one of AGGREGATIONS (see `aggregate`), for the surrogate and the KL term;
+      max_length its constant for seq-mean-token-sum-norm and dr_grpo (None: T).
+    beta, kl_estimator: KL to a frozen reference, added as beta * aggregate(kl); beta 0
+      needs no reference.
+    tis_cap: truncated importance sampling of the sampler/trainer mismatch: each token's
+      surrogate is weighted by min(exp(old_logp - sampler_logp), tis_cap), without
+      gradient. 0 = off.
+    alpha, anchor: the LA-GRPO anchor's weight (0 = plain GRPO) and its per-token term,
+      one of ANCHORS (see `anchor_loss`).
+    clip_ratio_c: dual-clip bound c > 1 (verl's default 3.0); 0 turns it off. Token level
+      only.
+    log_ratio_clamp: the log-ratio is clipped to +-this before exp (verl: 20); 0 = off.
+    importance_level: "token" or "sequence" (GSPO), see `log_importance_ratio`.
+  """
+
+  clip_low: float = 0.2
+  clip_high: float = 0.28
+  loss_agg: str = "token-mean"
+  beta: float = 0.0
+  kl_estimator: str = "k3"
+  tis_cap: float = 0.0
+  alpha: float = 0.0
+  anchor: str = "pg"
+  clip_ratio_c: float = 3.0
+  log_ratio_clamp: float = 20.0
+  importance_level: str = "token"
+  max_length: int | None = None
+
+  def __post_init__(self):
+    choices = {"anchor": (self.anchor, ANCHORS),
+               "loss aggregation": (self.loss_agg, AGGREGATIONS),
+               "kl_estimator": (self.kl_estimator, KL_ESTIMATORS),
+               "importance_level": (self.importance_level, IMPORTANCE_LEVELS)}
+    for what, (value, allowed) in choices.items():
+      if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {allowed}")
+    if self.clip_ratio_c != 0 and self.clip_ratio_c <= 1:
+      raise ValueError(f"clip_ratio_c {self.clip_ratio_c} must be > 1 (the dual-clip bound) "
+                       "or 0 (off)")
+
+  @classmethod
+  def from_rl(cls, rl) -> LossSettings:
+    """The settings of a config's rl group."""
+    return cls(clip_low=rl.clip_low, clip_high=rl.clip_high, loss_agg=rl.loss_agg,
+               beta=rl.beta, kl_estimator=rl.kl_estimator, tis_cap=rl.tis_cap,
+               alpha=rl.alpha, anchor=rl.anchor, clip_ratio_c=rl.clip_ratio_c,
+               log_ratio_clamp=rl.log_ratio_clamp, importance_level=rl.importance_level,
+               max_length=rl.max_new_tokens)
 
 
 def group_advantages(rewards, group_size: int, *, scale_by_std: bool = True,
@@ -145,13 +204,38 @@ def log_importance_ratio(logp, old_logp, mask, level: str, *, clamp: float = 20.
   return log_ratio
 
 
-def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
-              clip_high: float = 0.28, loss_agg: str = "token-mean", beta: float = 0.0,
-              ref_logp=None, kl_estimator: str = "k3", sampler_logp=None, tis_cap=None,
-              functional_mask=None, alpha: float = 0.0, anchor: str = "pg",
-              clip_ratio_c: float = 3.0, log_ratio_clamp: float = 20.0,
-              importance_level: str = "token", max_length: int | None = None):
-  """GRPO (alpha = 0) or LA-GRPO loss and metrics.
+def anchor_loss(surrogate, logp, advantages, mask, functional_mask, anchor: str):
+  """LA-GRPO's anchor term: the mean per-token loss over the functional-token positions,
+
+      anchor = (1 / |M_func|) * sum_{t in M_func} l_t,   M_func = {t: functional_mask *
+      mask = 1}
+
+  with l_t = surrogate[t] (the clipped surrogate float32[B, T], TIS weight included) for
+  anchor "pg", or l_t = -logp[t] (float32[B, T]) for "nll_pos", whose M_func keeps only
+  rollouts with advantages[b] > 0 (float32[B]). `grpo_loss` adds alpha * anchor to the
+  GRPO loss.
+
+  Returns (anchor, |M_func|), float32[] each; an empty M_func gives 0 with a finite
+  gradient.
+  """
+  fmask = functional_mask * mask
+  if anchor == "pg":
+    per_token = surrogate
+  elif anchor == "nll_pos":
+    fmask = fmask * (advantages[:, None] > 0).astype(jnp.float32)
+    per_token = -logp
+  else:
+    raise ValueError(f"anchor {anchor!r} is not one of {ANCHORS}")
+  n_func = jnp.sum(fmask)
+  value = jnp.sum(jnp.where(fmask > 0, per_token * fmask, 0.0)) / jnp.maximum(n_func, 1.0)
+  return value, n_func
+
+
+def grpo_loss(logp, old_logp, advantages, mask, settings: LossSettings = LossSettings(), *,
+              ref_logp=None, sampler_logp=None, functional_mask=None):
+  """GRPO (settings.alpha = 0) or LA-GRPO loss and metrics:
+
+      L = aggregate(surrogate) + beta * aggregate(kl) + alpha * anchor_loss.
 
   The surrogate per token is max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and with
   dual-clip, for A < 0, min of that and -A c: verl's compute_policy_loss_vanilla (token
@@ -161,34 +245,18 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
     logp: float32[B, T] log-probs of the taken tokens under the current params.
     old_logp: float32[B, T] the same under the params before this batch's inner updates.
     advantages: float32[B], one per completion. mask: float32[B, T], 1 on completion tokens.
-    clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
-    loss_agg: one of AGGREGATIONS (see `aggregate`), for the surrogate and the KL term;
-      max_length its constant for seq-mean-token-sum-norm and dr_grpo (default T).
-    beta, ref_logp float32[B, T], kl_estimator: KL to a frozen reference, added as
-      beta * aggregate(kl); beta 0 needs no reference.
-    sampler_logp float32[B, T], tis_cap: truncated importance sampling of the
-      sampler/trainer mismatch: each token's surrogate is weighted by
-      min(exp(old_logp - sampler_logp), tis_cap), without gradient. Off unless both given.
-    functional_mask: float32[B, T], 1 at functional-token positions (M_func); alpha its
-      anchor's weight (a nonzero alpha needs it). anchor: one of ANCHORS.
-    clip_ratio_c: dual-clip bound c > 1 (verl's default 3.0); 0 turns it off. Token level
-      only.
-    log_ratio_clamp: the log-ratio is clipped to +-this before exp (verl: 20); 0 = off.
-    importance_level: "token" or "sequence" (GSPO), see `log_importance_ratio`.
+    settings: the loss's `LossSettings`.
+    ref_logp: float32[B, T], the frozen reference's log-probs (the KL term; a nonzero beta
+      needs them).
+    sampler_logp: float32[B, T], the sampler's log-probs (read only when tis_cap > 0).
+    functional_mask: float32[B, T], 1 at functional-token positions (M_func; a nonzero
+      alpha needs it).
   Returns:
     (loss float32[], metrics dict of float32[]: pg_loss, anchor_loss, functional_positions,
     ratio_mean, clip_fraction, clip_low_fraction, clip_high_fraction, dual_clip_fraction,
     and kl when ref_logp is given, tis_weight_mean when TIS is on).
   """
-  choices = {"anchor": (anchor, ANCHORS), "loss aggregation": (loss_agg, AGGREGATIONS),
-             "kl_estimator": (kl_estimator, KL_ESTIMATORS),
-             "importance_level": (importance_level, IMPORTANCE_LEVELS)}
-  for what, (value, allowed) in choices.items():
-    if value not in allowed:
-      raise ValueError(f"{what} {value!r} is not one of {allowed}")
-  if clip_ratio_c != 0 and clip_ratio_c <= 1:
-    raise ValueError(f"clip_ratio_c {clip_ratio_c} must be > 1 (the dual-clip bound) or 0 "
-                     "(off)")
+  s = settings
   logp = jnp.asarray(logp, jnp.float32)
   shape = logp.shape
   old_logp = jnp.asarray(old_logp, jnp.float32)
@@ -201,62 +269,54 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2,
   # Masked positions may hold garbage log-probs: differences there are zeroed before any
   # exp, so neither the loss nor its gradient can meet inf * 0.
   valid = mask > 0
-  ratio = jnp.exp(log_importance_ratio(logp, old_logp, mask, importance_level,
-                                       clamp=log_ratio_clamp))
-  clipped_ratio = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+  ratio = jnp.exp(log_importance_ratio(logp, old_logp, mask, s.importance_level,
+                                       clamp=s.log_ratio_clamp))
+  clipped_ratio = jnp.clip(ratio, 1.0 - s.clip_low, 1.0 + s.clip_high)
   surrogate = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
   dual = jnp.zeros(shape, bool)
-  if clip_ratio_c and importance_level == "token":
-    cap = -adv * clip_ratio_c
+  if s.clip_ratio_c and s.importance_level == "token":
+    cap = -adv * s.clip_ratio_c
     dual = (adv < 0) & (surrogate > cap)
     surrogate = jnp.where(dual, cap, surrogate)
   metrics = {}
-  if tis_cap is not None:
+  if s.tis_cap > 0:
     if sampler_logp is None:
-      raise ValueError(f"tis_cap {tis_cap} needs sampler_logp (the sampler's log-probs)")
+      raise ValueError(f"tis_cap {s.tis_cap} needs sampler_logp (the sampler's log-probs)")
     sampler_logp = jnp.asarray(sampler_logp, jnp.float32)
     _check_shape("sampler_logp", sampler_logp, shape)
     log_weight = jnp.where(valid, old_logp - sampler_logp, 0.0)
-    weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_weight), tis_cap))
+    weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_weight), s.tis_cap))
     surrogate = surrogate * weight
     metrics["tis_weight_mean"] = aggregate(weight, mask, "token-mean")
-  agg = functools.partial(aggregate, mask=mask, mode=loss_agg, max_length=max_length)
+  agg = functools.partial(aggregate, mask=mask, mode=s.loss_agg, max_length=s.max_length)
   pg_loss = agg(surrogate)
   loss = pg_loss
 
   if ref_logp is not None:
     ref_logp = jnp.asarray(ref_logp, jnp.float32)
     _check_shape("ref_logp", ref_logp, shape)
-    kl = kl_penalty(logp, jnp.where(valid, ref_logp, logp), kl_estimator)
+    kl = kl_penalty(logp, jnp.where(valid, ref_logp, logp), s.kl_estimator)
     metrics["kl"] = aggregate(kl, mask, "token-mean")
-    if not _is_zero(beta):
-      loss = loss + beta * agg(kl)
-  elif not _is_zero(beta):
-    raise ValueError(f"beta {beta} needs ref_logp (the frozen reference's log-probs)")
+    if not _is_zero(s.beta):
+      loss = loss + s.beta * agg(kl)
+  elif not _is_zero(s.beta):
+    raise ValueError(f"beta {s.beta} needs ref_logp (the frozen reference's log-probs)")
 
-  anchor_loss = jnp.zeros((), jnp.float32)
-  n_func = jnp.zeros((), jnp.float32)
+  anchor = n_func = jnp.zeros((), jnp.float32)
   if functional_mask is not None:
-    fmask = jnp.asarray(functional_mask, jnp.float32)
-    _check_shape("functional_mask", fmask, shape)
-    fmask = fmask * mask
-    if anchor == "pg":
-      per_token = surrogate
-    else:
-      fmask = fmask * (adv > 0).astype(jnp.float32)
-      per_token = -logp
-    n_func = jnp.sum(fmask)
-    anchor_loss = jnp.sum(jnp.where(fmask > 0, per_token * fmask, 0.0)) / jnp.maximum(n_func, 1.0)
-    if not _is_zero(alpha):
-      loss = loss + alpha * anchor_loss
-  elif not _is_zero(alpha):
-    raise ValueError(f"alpha {alpha} needs functional_mask (the functional-token positions)")
+    functional_mask = jnp.asarray(functional_mask, jnp.float32)
+    _check_shape("functional_mask", functional_mask, shape)
+    anchor, n_func = anchor_loss(surrogate, logp, advantages, mask, functional_mask, s.anchor)
+    if not _is_zero(s.alpha):
+      loss = loss + s.alpha * anchor
+  elif not _is_zero(s.alpha):
+    raise ValueError(f"alpha {s.alpha} needs functional_mask (the functional-token positions)")
 
   # Clipping is active where the clipped term wins the min, i.e. its gradient is cut.
-  low = (ratio < 1.0 - clip_low) & (adv < 0)
-  high = (ratio > 1.0 + clip_high) & (adv > 0)
+  low = (ratio < 1.0 - s.clip_low) & (adv < 0)
+  high = (ratio > 1.0 + s.clip_high) & (adv > 0)
   metrics.update(
-      pg_loss=pg_loss, anchor_loss=anchor_loss, functional_positions=n_func,
+      pg_loss=pg_loss, anchor_loss=anchor, functional_positions=n_func,
       ratio_mean=aggregate(ratio, mask, "token-mean"),
       clip_fraction=aggregate((low | high).astype(jnp.float32), mask, "token-mean"),
       clip_low_fraction=aggregate(low.astype(jnp.float32), mask, "token-mean"),

@@ -6,17 +6,17 @@ prompts with the current params, scores them on the host, computes group advanta
 takes the trainer's log-probs once (the "old" policy for the mu inner updates, and the
 reference for the sampler-vs-trainer drift metric), then applies mu updates. With
 optim.grad_accum = k > 1 the rollout batch is split into k micro-batches
-(`steps.micro_batches`) and each update accumulates their gradients (optax.MultiSteps):
+(`update.micro_batches`) and each update accumulates their gradients (optax.MultiSteps):
 k micro-steps of state.step per update, so train.steps counts micro-steps as in SFT. With
 rl.dynamic_sampling (DAPO) groups whose rewards are all equal are dropped and further
-prompt batches drawn until B informative groups are in hand (`rollout.fill_groups`);
-rl.overlong_buffer adds DAPO's soft overlong penalty to the rewards. Every metric the
-update returns is logged, the gradient-dilution diagnostic included.
+prompt batches drawn until B informative groups are in hand (`rollout.dynamic_sampling`);
+rl.overlong_buffer adds DAPO's soft overlong penalty to the rewards. Either way a step's
+sampling and scoring give one `rollout.Rollouts`. Every metric the update returns is
+logged, the gradient-dilution diagnostic included.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -35,8 +35,6 @@ from atlas_jax.run import optimizer as optimizer_lib
 from atlas_jax.run import plots, setup
 from atlas_jax.run.steps import StepCache
 from atlas_jax.sampler import SamplerSettings, decode_completions, make_sampler
-
-_PROMPT_FIELDS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
 
 
 def _per_process(name: str, global_count: int) -> int:
@@ -116,32 +114,6 @@ def _logp_drift(batch):
   return jnp.sum(drift * pred_mask) / jnp.maximum(jnp.sum(pred_mask), 1)
 
 
-def _draw(run, rl, sampler, iterator, params, key, sampled: dict, i: int):
-  """Draw i of a step: the next prompt batch, sampled and scored. Returns (host prompts,
-  device prompts, device rollout, host rows: tokens, mask, reward (the total, overlong
-  penalty included), reward_<component>, text). `sampled` adds up tokens and seconds."""
-  t0 = time.perf_counter()
-  prompts_host = next(iterator)
-  prompts = multihost.host_batch_to_device(prompts_host, run.mesh)
-  with sharding.with_rules(run.mesh, sharding.RULES):
-    out = sampler.sample(params, prompts, key if i == 0 else jax.random.fold_in(key, i))
-  host = {k: multihost.local_rows(out[k]) for k in ("tokens", "mask")}
-  sampled["seconds"] += time.perf_counter() - t0
-  sampled["tokens"] += int(host["mask"].sum())
-  texts = decode_completions(run.tokenizer, host["tokens"], host["mask"])
-  samples = rollout.host_samples(prompts_host, rl.group_size)
-  lengths = host["mask"].sum(1)
-  total, parts = rewards_lib.compute_rewards(texts, samples, rl.reward,
-                                             num_tokens=lengths.tolist())
-  if rl.overlong_buffer:
-    parts["overlong_penalty"] = rewards_lib.overlong_penalty(
-        lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty)
-    total = total + parts["overlong_penalty"]
-  host.update(reward=total, text=np.asarray(texts, object),
-              **{f"reward_{k}": v for k, v in parts.items()})
-  return prompts_host, prompts, out, host
-
-
 def train_rl(c, workdir: str, cache: StepCache | None = None):
   """Runs (or resumes) LA-GRPO in `workdir`; `cache` shares built steps between runs in one
   process. Returns (final TrainState, last metrics, Run)."""
@@ -156,9 +128,9 @@ def train_rl(c, workdir: str, cache: StepCache | None = None):
   schedule = optimizer_lib.learning_rate_schedule(optim)
   state, state_sh = setup.create_state(run, params, optimizer)
   source = pipeline.open_source(run.data_report, "train")
-  opts = dict(setup.data_options(c, run.tokenizer),
-              batch_size=_per_process("rl.prompts_per_step", rl.prompts_per_step))
-  iterator = pipeline.rl_pipeline(source, **opts)
+  batch_size = _per_process("rl.prompts_per_step", rl.prompts_per_step)
+  iterator = pipeline.rl_pipeline(source, **dict(setup.data_options(c, run.tokenizer),
+                                                 batch_size=batch_size))
   state = setup.maybe_restore(run, state, state_sh, iterator)
   sampler = make_sampler(run.model_config, run.tokenizer, SamplerSettings.from_rl(rl))
   functional_ids = jnp.asarray(run.table.id_array)
@@ -172,55 +144,40 @@ def train_rl(c, workdir: str, cache: StepCache | None = None):
   for step in range(start_step // per_rollout, end // per_rollout):
     t0 = time.perf_counter()
     key = jax.random.fold_in(state.step_key(), 1)
-    sampled = {"tokens": 0, "seconds": 0.0}
-    draw = functools.partial(_draw, run, rl, sampler, iterator, state.params, key, sampled)
+    draw = lambda i: rollout.sample_and_score(  # draw i of this step
+        run, rl, sampler, iterator, state.params, key if i == 0 else jax.random.fold_in(key, i))
     if rl.dynamic_sampling:
-      def draw_rows(i):
-        prompts_host, _, out, host = draw(i)
-        host["logps"] = multihost.local_rows(out["logps"])
-        return {k: prompts_host[k] for k in _PROMPT_FIELDS if k in prompts_host}, host
-      prompt_rows, host, ds = rollout.fill_groups(
-          draw_rows, groups_needed=opts["batch_size"], group_size=rl.group_size,
-          max_draws=rl.dynamic_sampling_max_draws,
-          pad_values={"input_ids": run.tokenizer.pad_token_id})
-      prompts = {k: multihost.to_global_rows(v, run.mesh) for k, v in prompt_rows.items()}
-      out = {k: multihost.to_global_rows(host[k], run.mesh) for k in ("tokens", "mask", "logps")}
-      ds_metrics = {f"dynamic_sampling_{k}": multihost.global_mean(v) for k, v in ds.items()}
+      rollouts = rollout.dynamic_sampling(
+          draw, groups_needed=batch_size, group_size=rl.group_size,
+          max_draws=rl.dynamic_sampling_max_draws, mesh=run.mesh,
+          pad_id=run.tokenizer.pad_token_id)
     else:
-      _, prompts, out, host = draw(0)
-      ds_metrics = {}
-    total, mask, texts = host["reward"], host["mask"], list(host["text"])
-    parts = {k[len("reward_"):]: v for k, v in host.items() if k.startswith("reward_")}
-    advantages = multihost.to_global_rows(np.asarray(grpo.group_advantages(
-        jnp.asarray(total), rl.group_size, scale_by_std=rl.scale_adv_by_std,
-        std=rl.adv_std)), run.mesh)
-    batch = rollout.assemble(prompts, out, advantages, group_size=rl.group_size)
+      rollouts = draw(0)
+    advantages = grpo.group_advantages(rollouts.reward, rl.group_size,
+                                       scale_by_std=rl.scale_adv_by_std, std=rl.adv_std)
+    batch = rollout.assemble(rollouts.prompts, rollouts.completions,
+                             multihost.to_global_rows(np.asarray(advantages), run.mesh),
+                             group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
       micro = micro_batches(batch, optim.grad_accum, run.mesh)
       for mb in micro:
         mb["old_logp"], _ = old_logps(state.params, mb)
         if ref_params is not None:
           mb["ref_logp"], _ = old_logps(ref_params, mb)
-      metrics = []
+      updates = []
       for _ in range(rl.inner_updates):
         for mb in micro:
-          state, m = update(state, mb)
-          metrics.append(m)
-    m = {k: float(np.mean([float(x[k]) for x in metrics])) for k in metrics[0]}
-    m.update(reward=multihost.global_mean(total),
-             **{f"reward_{k}": multihost.global_mean(v) for k, v in parts.items()},
-             functional_per_completion=multihost.global_mean(
-                 rollout.functional_counts(texts, run.table.tokens)),
-             completion_length=multihost.global_mean(mask.sum(1)),
-             logp_drift=float(np.mean([float(_logp_drift(mb)) for mb in micro])),
-             rollout_tokens_per_s=multihost.global_mean(sampled["tokens"])
-             * jax.process_count() / max(sampled["seconds"], 1e-9), **ds_metrics,
-             step_seconds=time.perf_counter() - t0,
-             learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
+          state, metrics = update(state, mb)
+          updates.append(metrics)
+    metrics = {k: float(np.mean([float(u[k]) for u in updates])) for k in updates[0]}
+    metrics.update(rollout.metrics(rollouts, run.table.tokens),
+                   logp_drift=float(np.mean([float(_logp_drift(mb)) for mb in micro])),
+                   step_seconds=time.perf_counter() - t0,
+                   learning_rate=float(schedule(int(state.step) // optim.grad_accum)))
     done = int(state.step)
     if done % c.train.log_every < per_rollout or done >= end:
-      run.writer.write(done, m, prefix="rl")
-    last = m
+      run.writer.write(done, metrics, prefix="rl")
+    last = metrics
     run.checkpointer.save(done, state, data_state=iterator.get_state(),
                           extra=setup.checkpoint_extra(run), force=done >= end)
     if evals is not None:

@@ -38,33 +38,22 @@ def prediction_mask(batch: dict):
   return logprobs.shifted_mask(batch["completion_mask"]).astype(jnp.float32)
 
 
-# rl fields added after the first recipes, with the values an older rl group means.
-_RL_DEFAULTS = dict(clip_ratio_c=3.0, log_ratio_clamp=20.0, importance_level="token",
-                    max_new_tokens=None)
-
-
-def _rl_field(rl, name):
-  return rl.get(name, _RL_DEFAULTS[name])
-
-
-def rl_loss(config: ModelConfig, params, batch: dict, *, rl, functional_ids, chunk: int,
+def rl_loss(config: ModelConfig, params, batch: dict, *, settings: grpo.LossSettings,
+            temperature: float, functional_ids, chunk: int,
             completion_length: int | None = None):
-  """LA-GRPO loss and metrics. `rl` is the config's rl group (fields missing from an
-  older group take `_RL_DEFAULTS`); completion_length as in `token_logps`."""
-  logp, entropy = logprobs.token_logps(config, params, batch, chunk=chunk, temperature=rl.temperature,
-                              completion_length=completion_length)
+  """LA-GRPO loss and metrics of the params on a rollout batch: the trainer's log-probs at
+  the sampling `temperature` (completion_length as in `token_logps`), then
+  `grpo.grpo_loss` with `settings`, M_func the completion positions whose target is one
+  of functional_ids int32[F]."""
+  logp, entropy = logprobs.token_logps(config, params, batch, chunk=chunk,
+                                       temperature=temperature,
+                                       completion_length=completion_length)
   mask = prediction_mask(batch)
   functional_mask = jnp.isin(logprobs.targets(batch), functional_ids).astype(jnp.float32) * mask
   loss, metrics = grpo.grpo_loss(
-      logp, batch["old_logp"], batch["advantages"], mask, clip_low=rl.clip_low,
-      clip_high=rl.clip_high, loss_agg=rl.loss_agg, beta=rl.beta,
-      ref_logp=batch.get("ref_logp"), kl_estimator=rl.kl_estimator,
-      sampler_logp=batch["sampler_logp"] if rl.tis_cap > 0 else None,
-      tis_cap=rl.tis_cap if rl.tis_cap > 0 else None, functional_mask=functional_mask,
-      alpha=rl.alpha, anchor=rl.anchor, clip_ratio_c=_rl_field(rl, "clip_ratio_c"),
-      log_ratio_clamp=_rl_field(rl, "log_ratio_clamp"),
-      importance_level=_rl_field(rl, "importance_level"),
-      max_length=_rl_field(rl, "max_new_tokens"))
+      logp, batch["old_logp"], batch["advantages"], mask, settings,
+      ref_logp=batch.get("ref_logp"), sampler_logp=batch.get("sampler_logp"),
+      functional_mask=functional_mask)
   n = jnp.maximum(jnp.sum(mask), 1.0)
   metrics = dict(metrics, loss=loss, entropy=jnp.sum(jax.lax.stop_gradient(entropy) * mask) / n)
   return loss, metrics
@@ -95,16 +84,17 @@ def row_grad_norms(grads, batch: dict, functional_ids) -> dict:
               dilution_ratio=func_norm / jnp.maximum(other_norm, 1e-30))
 
 
-def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer, rl,
-            functional_ids, chunk: int, completion_length: int | None = None,
-            skip: str = "select"):
-  """One LA-GRPO optimizer update. Pure; jit with donated state. A non-finite loss or
-  gradient skips the update (counted in state.skipped; `skip` as in
+def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer,
+            settings: grpo.LossSettings, temperature: float, functional_ids, chunk: int,
+            completion_length: int | None = None, skip: str = "select"):
+  """One LA-GRPO optimizer update (`rl_loss`'s arguments). Pure; jit with donated state. A
+  non-finite loss or gradient skips the update (counted in state.skipped; `skip` as in
   `steps.apply_if_finite`). Metrics: rl_loss's, grad_norm, skipped_step and the dilution
-  diagnostic (`row_grad_norms`). completion_length as in `token_logps`."""
+  diagnostic (`row_grad_norms`)."""
   grad_fn = jax.value_and_grad(
-      functools.partial(rl_loss, config, batch=batch, rl=rl, functional_ids=functional_ids,
-                        chunk=chunk, completion_length=completion_length), has_aux=True)
+      functools.partial(rl_loss, config, batch=batch, settings=settings,
+                        temperature=temperature, functional_ids=functional_ids, chunk=chunk,
+                        completion_length=completion_length), has_aux=True)
   (loss, metrics), grads = grad_fn(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -118,7 +108,8 @@ def old_logps_fn(c, model_config, *, cache: steps_lib.StepCache | None = None):
   """The jitted trainer log-prob pass: (params, rollout batch) -> (logp, entropy)
   float32[R, L] each (prediction layout); shardings follow the arguments."""
   chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
-  return steps_lib.cached(cache, ("old_logps", model_config, chunk, temperature, n), lambda: jax.jit(
+  key = ("old_logps", model_config, chunk, temperature, n)
+  return steps_lib.cached(cache, key, lambda: jax.jit(
       functools.partial(logprobs.token_logps, model_config, chunk=chunk,
                         temperature=temperature, completion_length=n)))
 
@@ -128,14 +119,15 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, *,
   """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
   fields plus old_logp, and ref_logp when rl.beta > 0)."""
   platform = steps_lib.platform(mesh)
+  settings = grpo.LossSettings.from_rl(c.rl)
+  chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
   key = ("rl_update", model_config, optimizer_lib.config_key(c.optim), mesh,
          steps_lib.sharding_key(state_sh), tuple(np.asarray(functional_ids).tolist()),
-         optimizer_lib.config_key(c.rl), c.train.logprob_chunk)
+         settings, chunk, temperature, n)
   return steps_lib.cached(cache, key, lambda: jax.jit(
-      functools.partial(rl_step, config=model_config, optimizer=optimizer, rl=c.rl,
-                        functional_ids=functional_ids, chunk=c.train.logprob_chunk,
-                        completion_length=c.rl.max_new_tokens,
-                        skip=steps_lib.skip_mode(platform)),
+      functools.partial(rl_step, config=model_config, optimizer=optimizer, settings=settings,
+                        temperature=temperature, functional_ids=functional_ids, chunk=chunk,
+                        completion_length=n, skip=steps_lib.skip_mode(platform)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
       compiler_options=steps_lib.gradient_compiler_options(platform)))
 
