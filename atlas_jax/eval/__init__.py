@@ -5,7 +5,7 @@ training.
 
   benchmarks   files -> `Item`s (a trajectory record + options, hint, category, ...)
   prompts      the user text of an item: native | boxed | question
-  extract      last \\boxed{}, else a lone option letter, else a unique option text
+  extract      a row's score from the answer `atlas_jax.answers` reads
   evaluator    `Settings`, `evaluate(model, params, items, settings, output_dir=...)`
   report       summary.json, predictions.jsonl, summary.png
   load         a model from a training workdir, an orbax directory or a HF directory

@@ -1,1 +1,2 @@
-"""RL: the rollout sampler, rewards, GRPO / LA-GRPO losses, the update step and the loop."""
+"""RL: rewards, rollouts, the GRPO / LA-GRPO loss, the update step and its builders, the
+loop (the sampler itself is `atlas_jax.sampler`)."""

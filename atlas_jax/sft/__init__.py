@@ -1,0 +1,1 @@
+"""SFT: the loss, the update step and its builder, the loop."""
