@@ -279,23 +279,31 @@ def _check_optimizer(step: int, saved: dict | None, optim) -> None:
 
 
 def maybe_restore(run: Run, state, state_sh, iterator):
-  """Restores state and iterator from the latest checkpoint, if any. Returns the state."""
-  step = run.checkpointer.latest_step()
-  if step is None:
-    return state
-  saved = checkpoint_lib.read_extra(run.checkpointer.directory, step)
-  _check_optimizer(step, saved.get("optimizer"), resolve_optim(run.config))
+  """Restores state and iterator from the newest checkpoint that verifies, if any: damaged
+  newer steps are skipped (said, and moved aside to <step>.damaged); when none restores it
+  stops naming the directory. Returns the state."""
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sh)
-  state, data_state, extra = run.checkpointer.restore(step, abstract_state=abstract)
-  tokens = extra.get("functional_tokens")
-  if tokens != run.table.to_json():
-    raise ValueError(f"checkpoint at step {step} has functional tokens {tokens}; this run "
-                     f"assigns {run.table.to_json()}")
-  if data_state is not None:
-    iterator.set_state(data_state)
-  run.writer.text(step, "resume", f"restored step {step} from {run.checkpointer.directory}")
-  return state
+  optim = resolve_optim(run.config)
+
+  def check(step, extra):  # before the state is read
+    _check_optimizer(step, extra.get("optimizer"), optim)
+    tokens = extra.get("functional_tokens")
+    if tokens != run.table.to_json():
+      raise ValueError(f"checkpoint at step {step} has functional tokens {tokens}; this run "
+                       f"assigns {run.table.to_json()}")
+
+  restored = run.checkpointer.restore_latest(abstract, check=check)
+  if restored is None:
+    return state
+  for step, why in restored.skipped:
+    run.writer.text(restored.step, "resume_skipped", f"skipped damaged checkpoint step {step} "
+                    f"in {run.checkpointer.directory} ({why}); moved aside, not deleted")
+  if restored.data_state is not None:
+    iterator.set_state(restored.data_state)
+  run.writer.text(restored.step, "resume", f"restored step {restored.step} from "
+                  f"{run.checkpointer.directory}")
+  return restored.state
 
 
 def checkpoint_extra(run: Run) -> dict:
