@@ -164,9 +164,10 @@ def test_export_from_8_devices_equals_single_device(trained, tmp_path):
 import jax, numpy as np
 from transformers import AutoTokenizer
 from atlas_jax import hf, sharding
+from atlas_jax.model import param_shardings
 config, params = hf.load({dst!r})
 mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
-params = jax.device_put(params, sharding.param_shardings(mesh, config))
+params = jax.device_put(params, param_shardings(mesh, config))
 assert len(params["decoder"]["layers"]["q"]["kernel"].sharding.device_set) == 8
 tok = AutoTokenizer.from_pretrained({dst!r}, local_files_only=True)
 hf.save(config, params, tok, {str(tmp_path / 'multi')!r}, dtype=np.float32)
