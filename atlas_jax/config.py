@@ -82,7 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_pixels = 28 * 28 * 4
   c.data.max_pixels = 28 * 28 * 36
   c.data.max_patches = 144    # per sample, = max_pixels / 14**2 for one image
-  c.data.prompt_suffix = chat.BOXED_SUFFIX
+  # Appended to the last user turn. "auto": "\nPut the final answer in \\boxed{}." where the
+  # record's answer is boxed (the synthetic suite, ATLAS trajectories) or it has none (RL
+  # prompts: the reward reads the last \boxed{}), nothing for chat/LLaVA answers without a
+  # box; any other string (e.g. "") is appended to every record as given.
+  c.data.prompt_suffix = chat.AUTO_SUFFIX
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-5
@@ -255,6 +259,9 @@ def _validate_data(c) -> None:
       _fail(f"data.{name}", d[name], "does not exist")
   _one_of(c, "data.format", formats.FORMATS)
   _one_of(c, "data.on_source_change", tfds_builder.ON_SOURCE_CHANGE)
+  if not isinstance(d.prompt_suffix, str):
+    _fail("data.prompt_suffix", d.prompt_suffix, f"must be a string ({chat.AUTO_SUFFIX!r}, '' "
+          "or the text to append)")
   if d.image_root and not os.path.isdir(d.image_root):
     _fail("data.image_root", d.image_root, "is not a directory")
   for name in ("batch_size", "max_length", "max_images", "min_pixels", "max_pixels",

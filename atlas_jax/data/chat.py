@@ -16,6 +16,26 @@ from typing import Sequence
 import numpy as np
 
 BOXED_SUFFIX = "\nPut the final answer in \\boxed{}."
+# config.data.prompt_suffix "auto": the boxed suffix where the record asks for a box.
+AUTO_SUFFIX = "auto"
+
+
+def answer_kind(trajectory: str | None) -> str:
+  """"boxed" (the record's answer holds \\boxed{}), "unboxed" (an answer without one) or
+  "none" (no answer: an RL or evaluation prompt)."""
+  if not trajectory:
+    return "none"
+  return "boxed" if "\\boxed{" in trajectory else "unboxed"
+
+
+def suffix_for(setting: str, trajectory: str | None) -> str:
+  """The text appended to a record's last user turn: `setting` itself, or for "auto" the
+  boxed suffix when the record's answer is boxed (the synthetic suite, ATLAS trajectories)
+  or it has none (an RL prompt, which the reward scores by its last \\boxed{}), and nothing
+  for a user's chat or LLaVA answer without a box."""
+  if setting != AUTO_SUFFIX:
+    return setting
+  return "" if answer_kind(trajectory) == "unboxed" else BOXED_SUFFIX
 IMAGE_PAD = "<|image_pad|>"
 IMAGE_PLACEHOLDER = "<image>"
 END_OF_TURN = "<|im_end|>"

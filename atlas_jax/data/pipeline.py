@@ -87,14 +87,15 @@ class _Render:
       return _Skip("extreme_aspect_ratio", record_id)
     if pixels.shape[0] > self.max_patches:
       return _Skip("too_many_patches", record_id)
-    trajectory = None if self.prompt_only else _text(ex["trajectory"])
+    stored = _text(ex["trajectory"])
+    trajectory = None if self.prompt_only else stored
     history = _text(ex.get("history", b""))
     try:
       out = chat.render(self.tokenizer, _text(ex["question"]), trajectory,
                         image_lib.num_image_tokens(grid).tolist(),
                         system=_text(ex.get("system", b"")) or None,
                         history=[tuple(h) for h in json.loads(history)] if history else (),
-                        prompt_suffix=self.prompt_suffix)
+                        prompt_suffix=chat.suffix_for(self.prompt_suffix, stored))
     except ValueError as e:
       return _Skip("image_count_mismatch" if "placeholder" in str(e) else "render_error",
                    record_id)

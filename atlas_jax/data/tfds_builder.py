@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import tensorflow_datasets as tfds
 
-from atlas_jax.data import formats, image as image_lib, schema
+from atlas_jax.data import chat, formats, image as image_lib, schema
 from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
 
 BUILD_FILE = "build_report.json"
@@ -65,6 +65,7 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
     self._options = options or BuildOptions()
     self.skipped: dict[str, collections.Counter] = {}
     self.images: dict[str, dict[str, list]] = {}  # split -> {path: [size, mtime, sha256]}
+    self.answers: dict[str, collections.Counter] = {}  # split -> {chat.answer_kind: n}
     self.empty: schema.NoUsableRecord | None = None  # the split that yielded nothing
     super().__init__(**kwargs)
 
@@ -111,6 +112,8 @@ class AtlasTrajectories(tfds.core.GeneratorBasedBuilder):
             counter[blobs.reason] += 1
             continue
           yielded += 1
+          self.answers.setdefault(split, collections.Counter())[
+              chat.answer_kind(rec.trajectory)] += 1
           yield rec.id, _example(rec, blobs)
     if not yielded:
       self.empty = schema.NoUsableRecord(path, counter, image_root=o.image_root)
@@ -239,7 +242,9 @@ def build_dataset(*, splits: dict[str, str], data_dir: str, build: bool = True,
   unchanged, and on a change rebuild it or (`on_source_change="error"`) raise ValueError
   naming the file. With `build=False` (other processes) one must exist; its sources are
   not rechecked. Returns a report dict: {"data_dir": <versioned dataset dir>, "counts":
-  {split: n}, "skipped": {split: {reason: n}}, "sources": {split: path}}. A split of which
+  {split: n}, "skipped": {split: {reason: n}}, "sources": {split: path}, "answers":
+  {split: {"boxed" | "unboxed" | "none": n}} (`chat.answer_kind`: what an "auto" prompt
+  suffix does with each record)}. A split of which
   no record is usable raises `schema.NoUsableRecord` (a ValueError) and leaves no dataset.
   """
   if on_source_change not in ON_SOURCE_CHANGE:
@@ -279,7 +284,8 @@ def build_dataset(*, splits: dict[str, str], data_dir: str, build: bool = True,
           f"({' '.join(f'{s}={n}' for s, n in counts.items())}; skipped: "
           f"{format_skipped(saved['skipped'])})", flush=True)
   return {"data_dir": builder.data_dir, "counts": counts, "skipped": saved["skipped"],
-          "sources": {s: v["path"] for s, v in saved["splits"].items()}}
+          "sources": {s: v["path"] for s, v in saved["splits"].items()},
+          "answers": saved.get("answers", {})}
 
 
 def _build(builder, splits, options, report_path):
@@ -299,7 +305,8 @@ def _build(builder, splits, options, report_path):
     raise schema.NoUsableRecord(e.path, e.skipped, image_root=options.image_root) from None
   skipped = {s: dict(c) for s, c in builder.skipped.items()}
   report = {"splits": fingerprint, "images": builder.images, "options": _options_json(options),
-            "skipped": skipped, "seconds": round(time.perf_counter() - t0, 3)}
+            "skipped": skipped, "answers": {s: dict(c) for s, c in builder.answers.items()},
+            "seconds": round(time.perf_counter() - t0, 3)}
   with open(report_path + ".tmp", "w") as f:
     json.dump(report, f)
   os.replace(report_path + ".tmp", report_path)

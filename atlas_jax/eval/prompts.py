@@ -20,6 +20,7 @@ Images are not placed here: without `<image>` markers they open the user turn
 from __future__ import annotations
 
 from atlas_jax.config import PROMPTS
+from atlas_jax.data import chat
 from atlas_jax.data.chat import BOXED_SUFFIX
 from atlas_jax.eval.benchmarks import Item
 
@@ -47,7 +48,7 @@ def _hf_body(item: Item) -> str:
 
 def build(item: Item, mode: str = "native", *, suffix: str = BOXED_SUFFIX) -> str:
   """The user text of `item`. `suffix` is the native suffix of JSONL rows (a run's
-  config.data.prompt_suffix)."""
+  config.data.prompt_suffix; "auto" resolves by the row's answer, `chat.suffix_for`)."""
   if mode not in PROMPTS:
     raise ValueError(f"prompt {mode!r} is not one of {PROMPTS}")
   if mode == "question":
@@ -59,4 +60,5 @@ def build(item: Item, mode: str = "native", *, suffix: str = BOXED_SUFFIX) -> st
     return body + BOXED_SUFFIX
   if item.kind == "parquet":
     return _hf_body(item) + (BOXED_SUFFIX if mode == "boxed" else "")
-  return item.record.question + (suffix if mode == "native" else BOXED_SUFFIX)
+  native = chat.suffix_for(suffix, item.record.trajectory)
+  return item.record.question + (native if mode == "native" else BOXED_SUFFIX)

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from atlas_jax import checkpoint as checkpoint_lib
 from atlas_jax import config as config_lib
 from atlas_jax import functional_tokens, hf, multihost, sharding
-from atlas_jax.data import synthetic, tfds_builder
+from atlas_jax.data import chat, synthetic, tfds_builder
 from atlas_jax.data.tokenizer import build_tokenizer
 from atlas_jax.model import abstract_params, attention, from_size, init_params, \
     param_shardings
@@ -177,6 +177,19 @@ def prepare_data(c, workdir: str):
                                                             build=False))
 
 
+def prompt_suffix_report(setting: str, report: dict) -> str:
+  """What config.data.prompt_suffix does to the built splits, in one line."""
+  if setting != chat.AUTO_SUFFIX:
+    return f"{setting!r} appended to every record's last user turn"
+  parts = []
+  for split, kinds in sorted(report.get("answers", {}).items()):
+    boxed = kinds.get("boxed", 0) + kinds.get("none", 0)
+    parts.append(f"{split}: {boxed} of {boxed + kinds.get('unboxed', 0)} records get the "
+                 f"boxed suffix ({kinds.get('boxed', 0)} boxed answers, {kinds.get('none', 0)} "
+                 f"prompts without one; {kinds.get('unboxed', 0)} unboxed answers get none)")
+  return "'auto': " + ("; ".join(parts) or "decided per record by its answer")
+
+
 def data_options(c, tokenizer, *, shuffle=True, seed=None) -> dict:
   """The pipeline keyword arguments of config.data; batch_size is this process's share."""
   return dict(tokenizer=tokenizer, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels,
@@ -226,6 +239,7 @@ def start(c, workdir: str, total_steps: int) -> tuple[Run, object]:
   report = prepare_data(c, workdir)
   writer = metrics_lib.MetricWriter(workdir, total_steps)
   writer.text(0, "data", str(report), console=False)  # the build printed its own line
+  writer.text(0, "prompt_suffix", prompt_suffix_report(c.data.prompt_suffix, report))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                      async_save=c.checkpoint.async_save)
