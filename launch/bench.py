@@ -11,10 +11,13 @@ checkpoint. Throughputs are tokens per second with compile (and torch's first ca
 excluded, the median of --repeats runs; the ratio is atlas_jax / transformers. The
 fraction of matmul peak is the step's analytic FLOPs (`aot.model_flops` with dense
 attention: 2 per weight per token forward, x3 with the backward pass, attention scores as
-computed, every query against every key) per second over a timed 2048^2 fp32 matmul.
+computed, every query against every key) per second over a timed square matmul in the
+compute dtype (2048^2 on the CPU, 8192^2 on a GPU).
 transformers gets `mm_token_type_ids`, without which it silently uses 1-D positions. The
 training steps are `launch.train`'s (`sft.update.sft_step_fn`, `rl.update.rl_update_fn`)
-on a one-device mesh.
+on a one-device mesh. `--torch_device=cuda --dtype=bfloat16 --models=gpu --batch=16` puts
+transformers on the GPU JAX uses and both sides in bf16 compute (fp32 weights): the
+same-device comparison the device check (launch/device_check.sh) runs.
 
 The rollout's floor on this machine is printed next to it: the prefill's analytic FLOPs at
 the matmul peak, plus one read of the text decoder's and LM head's fp32 weights (and the
@@ -71,6 +74,11 @@ flags.DEFINE_string("attention_impl", "xla", "atlas_jax model.attention_impl (au
                     "the device's platform).")
 flags.DEFINE_string("remat", "none", "atlas_jax model.remat.")
 flags.DEFINE_string("hf_dir", "", "Where to save the HF models (default: a temp dir).")
+flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where transformers runs (cuda: on "
+                  "the GPU JAX uses, for a same-device comparison).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both sides "
+                  "(weights stay float32: transformers under autocast, atlas_jax's "
+                  "model.dtype); the greedy tokens must agree only in float32.")
 
 VOCAB = 8192
 # Shapes in `random_checkpoint.hf_config`'s terms (the vocab is VOCAB).
@@ -81,6 +89,11 @@ MODELS = {
     "wide": dict(text=dict(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
                            num_key_value_heads=4, intermediate_size=2816),
                  vision=dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=512)),
+    # A GPU's size: ~1.1B parameters with Qwen's 151,936-token vocabulary (the LM head is
+    # a sixth of the matmuls), for --torch_device=cuda --dtype=bfloat16 --batch=16.
+    "gpu": dict(text=dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12,
+                          num_key_value_heads=2, intermediate_size=8960, vocab_size=151936),
+                vision=dict(depth=4, hidden_size=1280, num_heads=16, intermediate_size=3420)),
     # The test suite's smoke size (tests/test_bench.py), not a benchmark.
     "tiny": dict(text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=128),
@@ -95,7 +108,7 @@ VISION_IDS = (IMAGE, VIDEO, V_START, V_END)
 def write_model(spec: dict, path: str):
   """A random transformers model of `spec` (sdpa attention), saved to `path`."""
   config = random_checkpoint.hf_config(
-      dict(spec["text"], vocab_size=VOCAB), spec["vision"], image_token_id=IMAGE,
+      dict({"vocab_size": VOCAB}, **spec["text"]), spec["vision"], image_token_id=IMAGE,
       video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
   return random_checkpoint.write(path, config, attn_implementation="sdpa")
 
@@ -113,6 +126,18 @@ def make_batch(rng, batch: int, text: int, side: int, patch_dim: int):
   return ids, np.ones_like(ids), pixels, grid
 
 
+def _sync():
+  """Waits for torch's queued GPU work (a no-op on the CPU)."""
+  if FLAGS.torch_device == "cuda":
+    torch.cuda.synchronize()
+
+
+def _autocast():
+  """transformers' compute dtype: bf16 autocast over fp32 weights, or nothing for fp32."""
+  return torch.autocast(FLAGS.torch_device, dtype=torch.bfloat16,
+                        enabled=FLAGS.dtype == "bfloat16")
+
+
 def timed(fn, repeats: int):
   """(first call seconds, median of `repeats` further calls); fn blocks until done."""
   t0 = time.perf_counter()
@@ -126,14 +151,19 @@ def timed(fn, repeats: int):
   return first, statistics.median(times), out
 
 
+def matmul_side() -> int:
+  """The side of the square matmul whose GFLOP/s is each side's peak here."""
+  return 8192 if FLAGS.torch_device == "cuda" else 2048
+
+
 def matmul_peak() -> tuple[float, float]:
-  """fp32 2048^2 matmul GFLOP/s of jnp and torch."""
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
+  """GFLOP/s of a square matmul (`matmul_side`) in --dtype, jnp and torch on their devices."""
+  n = matmul_side()
+  a = jnp.ones((n, n), FLAGS.dtype)
   f = jax.jit(lambda x: x @ x)
   _, jt, _ = timed(lambda: f(a).block_until_ready(), 5)
-  ta = torch.ones(n, n)
-  _, tt, _ = timed(lambda: ta @ ta, 5)
+  ta = torch.ones(n, n, dtype=getattr(torch, FLAGS.dtype), device=FLAGS.torch_device)
+  _, tt, _ = timed(lambda: (ta @ ta, _sync()), 5)
   return 2 * n**3 / jt / 1e9, 2 * n**3 / tt / 1e9
 
 
@@ -211,17 +241,18 @@ class Row:
 
 def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: str,
                 bandwidth: float) -> list[Row]:
-  model = write_model(spec, os.path.join(out_dir, name))
+  model = write_model(spec, os.path.join(out_dir, name)).to(FLAGS.torch_device)
   text, vision = spec["text"], spec["vision"]
   n_params = sum(p.numel() for p in model.parameters())
   print(f"\n== {name}: {n_params / 1e6:.1f}M params, text {text['hidden_size']} x "
         f"{text['num_hidden_layers']} layers, GQA {text['num_attention_heads']}/"
-        f"{text['num_key_value_heads']}, vocab {VOCAB}; vision {vision['depth']} x "
+        f"{text['num_key_value_heads']}, vocab {text.get('vocab_size', VOCAB)}; vision {vision['depth']} x "
         f"{vision['hidden_size']}", flush=True)
 
   # A run's config on one device: its optimizer and steps, the flags' model options.
   c = base_config()
   c.model.remat, c.model.attention_impl = FLAGS.remat, FLAGS.attention_impl
+  c.model.dtype = FLAGS.dtype
   c.data.batch_size = FLAGS.batch
   c.rl.alpha = 0.1  # LA-GRPO: the anchor on
   mesh = setup.make_mesh(c, jax.devices()[:1])
@@ -233,22 +264,26 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
   ids, mask, pixels, grid = make_batch(rng, b, FLAGS.prompt_text, FLAGS.image_side,
                                        config.vision.patch_dim)
   t_prompt, patches = ids.shape[1], pixels.shape[1]
-  mm = lambda x: torch.from_numpy((x == IMAGE).astype(np.int64))
-  hf_inputs = dict(pixel_values=torch.from_numpy(pixels.reshape(-1, pixels.shape[-1])),
-                   image_grid_thw=torch.from_numpy(grid.reshape(-1, 3)))
+  on_device = lambda x: torch.from_numpy(x).to(FLAGS.torch_device)
+  mm = lambda x: on_device((x == IMAGE).astype(np.int64))
+  hf_inputs = dict(pixel_values=on_device(pixels.reshape(-1, pixels.shape[-1])),
+                   image_grid_thw=on_device(grid.reshape(-1, 3)))
   rows: list[Row] = []
 
   # Rollout: greedy, no early stop.
   model.eval()
   model.generation_config.eos_token_id = None
-  gen = lambda: model.generate(input_ids=torch.from_numpy(ids),
-                               attention_mask=torch.from_numpy(mask), mm_token_type_ids=mm(ids),
-                               max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=2, suppress_tokens=list(VISION_IDS),
-                               **hf_inputs)
+  def gen():
+    with _autocast():
+      out = model.generate(input_ids=on_device(ids), attention_mask=on_device(mask),
+                           mm_token_type_ids=mm(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=2, suppress_tokens=list(VISION_IDS),
+                           **hf_inputs)
+    _sync()
+    return out
   with torch.no_grad():
     hf_first, hf_t, hf_out = timed(gen, FLAGS.repeats)
-  want = hf_out[:, t_prompt:].numpy()
+  want = hf_out[:, t_prompt:].cpu().numpy()
   settings = sampler_lib.SamplerSettings(max_new_tokens=n, greedy=True, stop_ids=(), pad_id=2)
   allowed = np.ones(config.text.vocab_size, bool)
   allowed[list(VISION_IDS)] = False
@@ -281,7 +316,8 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
   if "rollout" in FLAGS.steps:
     rows.append(Row(name, "rollout (new tok/s)", b * n / hf_t, b * n / jax_t, hf_first,
                     jax_first, 3.0))
-  assert same_rows == b, "greedy tokens differ from transformers'"
+  if FLAGS.dtype == "float32":  # bf16 rounding lets greedy paths part
+    assert same_rows == b, "greedy tokens differ from transformers'"
 
   # Training rows: prompt + the greedy completion.
   full = np.concatenate([ids, want], axis=1)
@@ -292,24 +328,27 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
   optim = setup.resolve_optim(c)
   optimizer = optimizer_lib.make_optimizer(optim)
   torch_opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
-                                eps=optim.eps, weight_decay=optim.weight_decay)
-  labels = torch.from_numpy(np.where(np.arange(t_full)[None] >= t_prompt, full, -100))
+                                eps=optim.eps, weight_decay=optim.weight_decay,
+                                fused=FLAGS.torch_device == "cuda")
+  labels = on_device(np.where(np.arange(t_full)[None] >= t_prompt, full, -100))
 
   def torch_step(window: bool = False):
     """SFT: the loss over every position's logits. window: the LM head only on the
     completion's positions (`logits_to_keep`, as TRL's GRPO trainer computes them)."""
     torch_opt.zero_grad(set_to_none=True)
-    inputs = dict(input_ids=torch.from_numpy(full), attention_mask=torch.from_numpy(full_mask),
+    inputs = dict(input_ids=on_device(full), attention_mask=on_device(full_mask),
                   mm_token_type_ids=mm(full), **hf_inputs)
-    if window:
-      logits = model(**inputs, logits_to_keep=n + 1).logits[:, :-1]
-      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               torch.from_numpy(full[:, -n:]).reshape(-1))
-    else:
-      loss = model(**inputs, labels=labels).loss
+    with _autocast():
+      if window:
+        logits = model(**inputs, logits_to_keep=n + 1).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 on_device(full[:, -n:]).reshape(-1))
+      else:
+        loss = model(**inputs, labels=labels).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
     torch_opt.step()
+    _sync()
     return loss
 
   model.train()
@@ -399,8 +438,9 @@ def decode_vs_length(config, params, batch, lengths):
 def format_rows(rows: list[Row], peak_jax: float, peak_torch: float) -> str:
   head = ("| model | step | transformers | atlas_jax | ratio | goal | torch first call s | "
           "jax compile s | % of matmul peak: atlas_jax / transformers / the goal needs |")
-  lines = [f"matmul peak (fp32 2048^2): jnp {peak_jax:.0f} GFLOP/s, torch {peak_torch:.0f} "
-           "GFLOP/s", head, "|" + "---|" * 9]
+  n = matmul_side()
+  lines = [f"matmul peak ({FLAGS.dtype} {n}^2): jnp {peak_jax:.0f} GFLOP/s, torch "
+           f"{peak_torch:.0f} GFLOP/s", head, "|" + "---|" * 9]
   for r in rows:
     frac = ""
     if r.peak_frac:  # the goal's time is transformers' / goal: its fraction scales likewise

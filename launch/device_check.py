@@ -62,9 +62,9 @@ STAGES = ("install", "devices", "imports", *TESTS, "gpu_bench", "bench")
 # Seconds a stage may take on a GPU (3x in a dry run), within the budget.
 LIMITS = dict(install=60, devices=60, imports=60, test_parity=90, test_attention=60,
               test_sampler=60, test_sft_step=60, test_rl_update=60, gpu_bench=240, bench=150)
-BENCH_ARGS = dict(  # launch.bench's flags; its model table has no GPU-sized entry yet
-    gpu="--models=wide --batch=16 --prompt_text=190 --image_side=16 --new_tokens=32 "
-        "--repeats=2 --attention_impl=auto",
+BENCH_ARGS = dict(  # launch.bench's flags: transformers on the same GPU, both in bf16
+    gpu="--models=gpu --batch=16 --prompt_text=190 --image_side=16 --new_tokens=32 "
+        "--repeats=2 --attention_impl=auto --torch_device=cuda --dtype=bfloat16",
     dry="--models=tiny --batch=8 --prompt_text=8 --image_side=4 --new_tokens=8 --repeats=1 "
         "--attention_impl=auto")
 # bf16 dense tensor-core peaks in TFLOP/s (no sparsity), the first match in device_kind.
@@ -238,14 +238,6 @@ def bench_stage(check: Check, peak: float | None) -> dict:
   cmd = [sys.executable, "-m", "launch.bench",
          *(FLAGS.bench_args or BENCH_ARGS["dry" if check.dry_run else "gpu"]).split(),
          f"--hf_dir={os.path.join(check.workdir, 'bench_hf')}"]
-  if not check.dry_run:  # the flags a GPU-ready bench would take, if it has them
-    try:
-      known = subprocess.run(cmd[:3] + ["--helpshort"], cwd=ROOT, env=check.env, text=True,
-                             capture_output=True, timeout=60).stdout
-    except subprocess.SubprocessError:
-      known = ""
-    cmd += [f for f in ("--torch_device=cuda", "--dtype=bfloat16")
-            if f.split("=")[0] + ":" in known]
   # fp32 at "highest" on both sides, or the greedy tokens it asserts equal may differ
   entry, output = check.run("bench", cmd, dict(check.env, JAX_DEFAULT_MATMUL_PRECISION="highest"))
   if entry["status"] == "skipped":
@@ -265,11 +257,11 @@ def bench_stage(check: Check, peak: float | None) -> dict:
   figures = dict(rows=list(rows.values()), lines=[
       l.strip() for l in output.splitlines()
       if re.match(r"\s*(== |rollout|greedy|decode|S=|matmul peak)", l)])
-  peaks = re.search(r"matmul peak \(fp32 2048\^2\): jnp ([\d.]+) GFLOP/s", output)
+  peaks = re.search(r"matmul peak \((\w+) \d+\^2\): jnp ([\d.]+) GFLOP/s", output)
   for row in figures["rows"]:
     percent = row.get("percent_of_matmul_peak", {}).get("atlas_jax")
     if peaks and peak and percent is not None:
-      row["mfu_bf16_peak"] = round(percent / 100 * float(peaks.group(1)) / 1e3 / peak, 4)
+      row["mfu_bf16_peak"] = round(percent / 100 * float(peaks.group(2)) / 1e3 / peak, 4)
   if "--torch_device=cuda" not in cmd:
     figures["note"] = ("launch.bench ran transformers on the CPU and both sides in fp32: "
                        "its ratios are not GPU against GPU (gpu_bench's are)")
