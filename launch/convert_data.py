@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from launch import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "Source data file (.json list or .jsonl).")
 flags.DEFINE_string("dst", None, "Destination .jsonl file.")
@@ -52,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

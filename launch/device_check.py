@@ -36,6 +36,8 @@ import xml.etree.ElementTree as ET
 
 from absl import app, flags
 
+from launch import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("dry_run", False, "Run every stage at tiny sizes on CPU devices.")
 flags.DEFINE_string("workdir", "/tmp/atlas_device_check", "Scratch space; the report too "
@@ -388,4 +390,4 @@ def _gpu_bench(out: dict):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
