@@ -147,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.overlong_buffer = 0     # DAPO soft overlong penalty over the last this many tokens; 0 = off
   c.rl.overlong_penalty = 1.0  # the penalty at max_new_tokens (DAPO's penalty factor)
   c.rl.tis_cap = 0.0           # truncated importance sampling cap; 0 = off
+  # Shared-prefix training passes (run/shared_prefix.py): old/ref log-probs and the update
+  # run each prompt (vision tower, prompt layers) once for its G completions, not G times;
+  # equal to the unshared rows within float32 rounding. Micro-batches then hold whole groups.
+  c.rl.shared_prefix = False
   c.rl.eval_prompts = 64
   c.rl.eval_batch_size = 16    # prompts per greedy evaluation batch (global)
   c.rl.reward = ml_collections.ConfigDict()
@@ -352,6 +356,11 @@ def _validate_rl(c) -> None:
   if not 0 <= rl.overlong_buffer <= rl.max_new_tokens:
     _fail("rl.overlong_buffer", rl.overlong_buffer,
           f"must be in [0, rl.max_new_tokens {rl.max_new_tokens}]")
+  if not isinstance(rl.shared_prefix, bool):
+    _fail("rl.shared_prefix", rl.shared_prefix, "must be True or False")
+  if rl.shared_prefix and rl.prompts_per_step % c.optim.grad_accum:
+    _fail("optim.grad_accum", c.optim.grad_accum, "must divide rl.prompts_per_step "
+          f"{rl.prompts_per_step} under rl.shared_prefix (micro-batches hold whole groups)")
   per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
   if c.train.steps % per_rollout:
     _fail("train.steps", c.train.steps, "must be a multiple of rl.inner_updates x "

@@ -201,3 +201,51 @@ def attention(q: Array, k: Array, v: Array, mask, chunk: int = 0, impl: str = "x
   out, probs = out  # probs [n, B, N, chunk, S]
   probs = jnp.moveaxis(probs, 0, 2).reshape(probs.shape[1], probs.shape[2], t, -1)
   return jnp.moveaxis(out, 0, 1).reshape(q.shape), probs
+
+
+def shared_prefix(q: Array, prefix_k: Array, prefix_v: Array, k: Array, v: Array,
+                  prefix_keys: Array, mask: Array, chunk: int = 0, *, unroll: bool = False):
+  """Attention of R = B*C completions, C per prompt, over their prompt's keys and values
+  (shared, never repeated) and their own ("xla" einsums; logits and softmax in fp32).
+
+  Letters here: B prompts, C completions per prompt, P prompt length, T completion query
+  length, S completion key length (T == S), K kv heads, G query heads per kv head, H head
+  dim.
+
+  q: [R, T, N, H]; prefix_k, prefix_v: [B, P, K, H]; k, v: [R, S, K, H] (rows prompt-
+  major: row r continues prompt r // C); prefix_keys: bool[B, P] (the prompt's real
+  tokens); mask: bool[R, T, S] (the completion's own keys each query may see: causal and
+  not padding). Returns [R, T, N, H]: one softmax over the P + S keys, so each row equals
+  the unshared attention over [prompt; completion]; the gradient into the prompt's keys and
+  values is the sum over its C completions. chunk > 0 dividing T (and smaller): queries
+  `chunk` at a time, rematerialised, as in `attention`.
+  """
+  r, t, n, h = q.shape
+  b, p, kv = prefix_k.shape[:3]
+  c, g, s = r // b, n // kv, k.shape[1]
+  if r != b * c:
+    raise ValueError(f"{r} completion rows are not a multiple of the {b} prompts")
+  kg = k.reshape(b, c, s, kv, h)
+  vg = v.reshape(b, c, s, kv, h)
+
+  def block(qm):  # q [B, C, t, K, G, H], own-key mask [B, C, t, S]
+    qb, mb = qm
+    logits_p = jnp.einsum("BCTKGH,BPKH->BCKGTP", qb, prefix_k,
+                          preferred_element_type=jnp.float32) * (h**-0.5)
+    logits_o = jnp.einsum("BCTKGH,BCSKH->BCKGTS", qb, kg,
+                          preferred_element_type=jnp.float32) * (h**-0.5)
+    logits_p = jnp.where(prefix_keys[:, None, None, None, None, :], logits_p, NEG_INF)
+    logits_o = jnp.where(mb[:, :, None, None], logits_o, NEG_INF)
+    probs = jax.nn.softmax(jnp.concatenate([logits_p, logits_o], axis=-1), axis=-1)
+    probs = probs.astype(v.dtype)
+    return (jnp.einsum("BCKGTP,BPKH->BCTKGH", probs[..., :p], prefix_v)
+            + jnp.einsum("BCKGTS,BCSKH->BCTKGH", probs[..., p:], vg))
+
+  qg = q.reshape(b, c, t, kv, g, h)
+  mg = mask.reshape(b, c, t, s)
+  if not chunk or t <= chunk or t % chunk:
+    return block((qg, mg)).reshape(r, t, n, h)
+  m = t // chunk
+  blocks = lambda x: jnp.moveaxis(x.reshape(b, c, m, chunk, *x.shape[3:]), 2, 0)
+  out = _map_chunks(jax.checkpoint(block), (blocks(qg), blocks(mg)), unroll)  # [m, B, C, ..]
+  return jnp.moveaxis(out, 0, 2).reshape(r, t, n, h)

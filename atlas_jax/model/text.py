@@ -141,3 +141,84 @@ def decode_layers(config: TextConfig, dtype, layer_params: tuple, final_norm, x,
     new.append(cache)
   norm = layers.RMSNorm(config.rms_norm_eps, dtype)
   return norm.apply({"params": final_norm}, x), tuple(new)
+
+
+class SharedPrefixLayer(nn.Module):
+  """`DecoderLayer` (the same parameters, the same computation) on prompts and the C
+  completions that continue each: the prompts attend causally to themselves; each
+  completion attends to its prompt's keys and values (computed once, shared by the C
+  completions) and causally to its own tokens (`attention.shared_prefix`). The prompt's
+  gradient is the sum over its completions by construction. R = B*C rows, prompt-major."""
+
+  config: TextConfig
+  dtype: jnp.dtype
+  attention_chunk: int = 0
+  attention_impl: str = "xla"
+  unroll: bool = False
+
+  @nn.compact
+  def __call__(self, carry, prompt_rope, completion_rope, prompt_mask, completion_mask):
+    """carry: (prompts float[B, T, D], completions float[R, N, D]); *_rope: (cos, sin)
+    float32[B, T, H] / [R, N, H]; prompt_mask: the prompts' `attention.Mask` (segment ids:
+    their attention mask); completion_mask: bool[R, N, N], causal and not padding."""
+    xp, xc = carry
+    cfg = self.config
+    n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    norm = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")
+    q_proj = layers.dense((n, hd), -1, ("embed", "heads", "head_dim"),
+                          bias_axes=("heads", "head_dim"), dtype=self.dtype, name="q")
+    k_proj = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
+                          bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="k")
+    v_proj = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
+                          bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="v")
+    o_proj = layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
+                          dtype=self.dtype, name="o")
+    post_norm = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")
+    mlp = layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype, name="mlp")
+
+    def qkv(x, rope):
+      h = norm(x)
+      return (layers.apply_rope(q_proj(h), *rope), layers.apply_rope(k_proj(h), *rope),
+              v_proj(h))
+
+    qp, kp, vp = qkv(xp, prompt_rope)
+    qc, kc, vc = qkv(xc, completion_rope)
+    attn_p = attention_lib.attention(qp, kp, vp, prompt_mask, chunk=self.attention_chunk,
+                                     impl=self.attention_impl, unroll=self.unroll)
+    attn_c = attention_lib.shared_prefix(qc, kp, vp, kc, vc, prompt_mask.segment_ids > 0,
+                                         completion_mask, self.attention_chunk,
+                                         unroll=self.unroll)
+    axes = ("activation_batch", "activation_length", "activation_embed")
+
+    def rest(x, attn):
+      x = x + o_proj(checkpoint_name(attn, "attention_out"))
+      x = sharding.constrain(x, axes)
+      x = x + mlp(post_norm(x))
+      return sharding.constrain(x, axes)
+
+    return (rest(xp, attn_p), rest(xc, attn_c)), None
+
+
+class SharedPrefixDecoder(nn.Module):
+  """`Decoder` (the same parameters: apply it to params["decoder"]) on prompts float[B, T, D]
+  and their completions float[R, N, D] (`SharedPrefixLayer`); returns both final-norm
+  hidden states."""
+
+  config: TextConfig
+  dtype: jnp.dtype
+  remat: str = "none"
+  attention_chunk: int = 0
+  attention_impl: str = "xla"
+  unroll: bool = False
+
+  @nn.compact
+  def __call__(self, xp, xc, prompt_rope, completion_rope, prompt_mask, completion_mask):
+    cfg = self.config
+    block = layers.maybe_remat(SharedPrefixLayer, self.remat)
+    stack = layers.scan_layers(block, cfg.num_hidden_layers, in_axes=(nn.broadcast,) * 4,
+                               unroll=self.unroll)
+    (xp, xc), _ = stack(cfg, self.dtype, self.attention_chunk, self.attention_impl,
+                        self.unroll, name="layers")((xp, xc), prompt_rope, completion_rope,
+                                                    prompt_mask, completion_mask)
+    norm = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")
+    return norm(xp), norm(xc)

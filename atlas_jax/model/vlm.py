@@ -19,7 +19,7 @@ import numpy as np
 from atlas_jax import sharding
 from atlas_jax.model import attention, layers, rope
 from atlas_jax.model.config import ModelConfig
-from atlas_jax.model.text import Decoder
+from atlas_jax.model.text import Decoder, SharedPrefixDecoder
 from atlas_jax.model.vision import VisionTower
 
 
@@ -114,6 +114,32 @@ def text_mask(attention_mask) -> attention.Mask:
   attention_mask = jnp.asarray(attention_mask)
   return attention.Mask(dense=causal_mask(attention_mask),
                         segment_ids=attention_mask.astype(jnp.int32), causal=True)
+
+
+def shared_prefix_hidden(config: ModelConfig, params, prompt_ids, prompt_positions,
+                         prompt_mask, pixel_values, image_grid_thw, completion_ids,
+                         completion_positions, completion_mask):
+  """Final-norm hidden states of B prompts and of the R = B*C completions that continue
+  them, the vision tower and the prompts' layers run once per prompt (`SharedPrefixDecoder`).
+
+  prompt_ids, prompt_mask: int[B, T] (left-padded); prompt_positions: int[3, B, T];
+  pixel_values / image_grid_thw: batch-major (float[B, P, C], int[B, I, 3]) or None;
+  completion_ids, completion_mask: int[R, N] (prompt-major: row r continues prompt
+  r // C); completion_positions: int[3, R, N] (continuing the prompt's M-RoPE positions).
+  Returns (float[B, T, D], float[R, N, D]), each row equal to the unshared `hidden_states`
+  of [prompt; completion] at those positions.
+  """
+  model = Qwen25VL(config)
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k,
+                                      method=Qwen25VL.decoder_inputs)
+  xp, cos_p, sin_p = apply(prompt_ids, prompt_positions, pixel_values, image_grid_thw)
+  xc, cos_c, sin_c = apply(completion_ids, completion_positions)
+  own = causal_mask(completion_mask)
+  decoder = SharedPrefixDecoder(config.text, layers.dtype_of(config.dtype), config.remat,
+                                config.attention_chunk, config.attention_impl,
+                                config.unroll_loops)
+  return decoder.apply({"params": params["decoder"]}, xp, xc, (cos_p, sin_p), (cos_c, sin_c),
+                       text_mask(prompt_mask), own)
 
 
 def _is_concrete(*xs) -> bool:

@@ -12,7 +12,10 @@ rl.dynamic_sampling (DAPO) groups whose rewards are all equal are dropped and fu
 prompt batches drawn until B informative groups are in hand (`rollout.dynamic_sampling`);
 rl.overlong_buffer adds DAPO's soft overlong penalty to the rewards. Either way a step's
 sampling and scoring give one `rollout.Rollouts`. Every metric the update returns is
-logged, the gradient-dilution diagnostic included.
+logged, the gradient-dilution diagnostic included. With rl.shared_prefix the rollout batch
+is grouped (`rollout.assemble_grouped`): the log-prob passes and the update run each
+prompt once for its G completions (`run.shared_prefix`), micro-batches holding whole
+groups.
 """
 
 from __future__ import annotations
@@ -108,9 +111,14 @@ def evaluate_held_out(run, params, c) -> dict:
 
 @jax.jit
 def _logp_drift(batch):
-  """Mean |trainer - sampler| log-prob over completion tokens (prediction layout)."""
-  pred_mask = batch["completion_mask"][:, 1:]  # position j predicts token j + 1
-  drift = jnp.abs(batch["old_logp"][:, :-1] - batch["sampler_logp"][:, :-1])
+  """Mean |trainer - sampler| log-prob over completion tokens (prediction layout, or the
+  grouped batch's completion layout)."""
+  if "prompt_ids" in batch:  # grouped: entry i is completion token i
+    pred_mask = batch["completion_mask"]
+    drift = jnp.abs(batch["old_logp"] - batch["sampler_logp"])
+  else:
+    pred_mask = batch["completion_mask"][:, 1:]  # position j predicts token j + 1
+    drift = jnp.abs(batch["old_logp"][:, :-1] - batch["sampler_logp"][:, :-1])
   return jnp.sum(drift * pred_mask) / jnp.maximum(jnp.sum(pred_mask), 1)
 
 
@@ -155,9 +163,12 @@ def train_rl(c, workdir: str, cache: StepCache | None = None):
       rollouts = draw(0)
     advantages = grpo.group_advantages(rollouts.reward, rl.group_size,
                                        scale_by_std=rl.scale_adv_by_std, std=rl.adv_std)
-    batch = rollout.assemble(rollouts.prompts, rollouts.completions,
-                             multihost.to_global_rows(np.asarray(advantages), run.mesh),
-                             group_size=rl.group_size)
+    advantages = multihost.to_global_rows(np.asarray(advantages), run.mesh)
+    if rl.shared_prefix:
+      batch = rollout.assemble_grouped(rollouts.prompts, rollouts.completions, advantages)
+    else:
+      batch = rollout.assemble(rollouts.prompts, rollouts.completions, advantages,
+                               group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
       micro = micro_batches(batch, optim.grad_accum, run.mesh)
       for mb in micro:

@@ -242,6 +242,26 @@ def assemble(prompts: dict, rollout: dict, advantages, *, group_size: int) -> di
   return batch
 
 
+@jax.jit
+def assemble_grouped(prompts: dict, rollout: dict, advantages) -> dict:
+  """The rollout batch in the grouped form (`run.shared_prefix`): each prompt and its
+  images once (prompt_ids, prompt_mask [B, T]), its G completions after it
+  (completion_ids, completion_mask [R, N]); sampler_logp float32[R, N] in the completion
+  layout. Nothing is repeated."""
+  batch = {
+      "prompt_ids": prompts["input_ids"],
+      "prompt_mask": prompts["attention_mask"],
+      "completion_ids": rollout["tokens"],
+      "completion_mask": rollout["mask"],
+      "sampler_logp": rollout["logps"].astype(jnp.float32),
+      "advantages": advantages.astype(jnp.float32),
+  }
+  for k in ("pixel_values", "image_grid_thw"):
+    if k in prompts:
+      batch[k] = prompts[k]
+  return batch
+
+
 def functional_counts(texts: list[str], tokens) -> np.ndarray:
   """float32[R]: functional tokens used per completion."""
   return np.array([sum(t.count(tok) for tok in tokens) for t in texts], np.float32)

@@ -10,6 +10,11 @@ int32[R, I, 3], and per-token arrays in the prediction layout (`run.logprobs`) f
 `old_logp` (trainer log-probs before this batch's updates), `sampler_logp`, optional
 `ref_logp`.
 
+With rl.shared_prefix the batch is in the grouped form instead (`run.shared_prefix`:
+prompts and images once [B, ...], completions [R, N], per-token arrays in the completion
+layout float32[R, N]); every function here takes either form, and the losses, metrics and
+gradients are the same (tests/test_shared_prefix.py).
+
   old_logps_fn     the jitted trainer log-prob pass (the "old" policy, and the reference)
   rl_update_fn     the jitted LA-GRPO update: (state, rollout batch) -> (state, metrics)
   micro_batches    a rollout batch split into optim.grad_accum micro-batches
@@ -17,6 +22,7 @@ int32[R, I, 3], and per-token arrays in the prediction layout (`run.logprobs`) f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,13 +35,25 @@ from atlas_jax.model.config import ModelConfig
 from atlas_jax.rl import grpo
 from atlas_jax.run import logprobs
 from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run import shared_prefix
 from atlas_jax.run import steps as steps_lib
 from atlas_jax.run.state import TrainState
 
 
 def prediction_mask(batch: dict):
-  """float32[R, L]: 1 where position j predicts a completion token (j + 1)."""
+  """float32[R, L]: 1 where position j predicts a completion token (j + 1); in the grouped
+  form float32[R, N], the completion mask itself."""
+  if shared_prefix.is_grouped(batch):
+    return batch["completion_mask"].astype(jnp.float32)
   return logprobs.shifted_mask(batch["completion_mask"]).astype(jnp.float32)
+
+
+def predicted_tokens(batch: dict):
+  """int32[R, L]: the token each position predicts (`logprobs.targets`); in the grouped
+  form the completion tokens int32[R, N]."""
+  if shared_prefix.is_grouped(batch):
+    return batch["completion_ids"]
+  return logprobs.targets(batch)
 
 
 def rl_loss(config: ModelConfig, params, batch: dict, *, settings: grpo.LossSettings,
@@ -44,12 +62,21 @@ def rl_loss(config: ModelConfig, params, batch: dict, *, settings: grpo.LossSett
   """LA-GRPO loss and metrics of the params on a rollout batch: the trainer's log-probs at
   the sampling `temperature` (completion_length as in `token_logps`), then
   `grpo.grpo_loss` with `settings`, M_func the completion positions whose target is one
-  of functional_ids int32[F]."""
-  logp, entropy = logprobs.token_logps(config, params, batch, chunk=chunk,
-                                       temperature=temperature,
-                                       completion_length=completion_length)
+  of functional_ids int32[F]. A grouped batch (`run.shared_prefix`) runs each prompt once
+  (completion_length is then its N); a constant the aggregation would take from the row
+  length (settings.max_length None) is still T + N."""
+  if shared_prefix.is_grouped(batch):
+    logp, entropy = shared_prefix.token_logps(config, params, batch, chunk=chunk,
+                                              temperature=temperature)
+    if settings.max_length is None:
+      length = batch["prompt_ids"].shape[1] + batch["completion_ids"].shape[1]
+      settings = dataclasses.replace(settings, max_length=length)
+  else:
+    logp, entropy = logprobs.token_logps(config, params, batch, chunk=chunk,
+                                         temperature=temperature,
+                                         completion_length=completion_length)
   mask = prediction_mask(batch)
-  functional_mask = jnp.isin(logprobs.targets(batch), functional_ids).astype(jnp.float32) * mask
+  functional_mask = jnp.isin(predicted_tokens(batch), functional_ids).astype(jnp.float32) * mask
   loss, metrics = grpo.grpo_loss(
       logp, batch["old_logp"], batch["advantages"], mask, settings,
       ref_logp=batch.get("ref_logp"), sampler_logp=batch.get("sampler_logp"),
@@ -74,7 +101,7 @@ def row_grad_norms(grads, batch: dict, functional_ids) -> dict:
     sq = sq + jnp.sum(jnp.square(grads["lm_head"]["kernel"].astype(jnp.float32)), axis=0)
   row = jnp.sqrt(sq)
   vocab = row.shape[0]
-  present = jnp.zeros(vocab, jnp.float32).at[logprobs.targets(batch).reshape(-1)].max(
+  present = jnp.zeros(vocab, jnp.float32).at[predicted_tokens(batch).reshape(-1)].max(
       prediction_mask(batch).reshape(-1))
   functional = jnp.zeros(vocab, jnp.float32).at[functional_ids].set(1.0)
   mean_over = lambda w: jnp.sum(row * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -106,18 +133,26 @@ def rl_step(state: TrainState, batch: dict, *, config: ModelConfig, optimizer,
 
 def old_logps_fn(c, model_config, *, cache: steps_lib.StepCache | None = None):
   """The jitted trainer log-prob pass: (params, rollout batch) -> (logp, entropy)
-  float32[R, L] each (prediction layout); shardings follow the arguments."""
+  float32[R, L] each (prediction layout); with rl.shared_prefix, of a grouped batch,
+  float32[R, N] (completion layout, `run.shared_prefix`). Shardings follow the
+  arguments."""
   chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
-  key = ("old_logps", model_config, chunk, temperature, n)
-  return steps_lib.cached(cache, key, lambda: jax.jit(
-      functools.partial(logprobs.token_logps, model_config, chunk=chunk,
-                        temperature=temperature, completion_length=n)))
+  shared = bool(c.rl.shared_prefix)
+  key = ("old_logps", model_config, chunk, temperature, n, shared)
+  if shared:
+    fn = functools.partial(shared_prefix.token_logps, model_config, chunk=chunk,
+                           temperature=temperature)
+  else:
+    fn = functools.partial(logprobs.token_logps, model_config, chunk=chunk,
+                           temperature=temperature, completion_length=n)
+  return steps_lib.cached(cache, key, lambda: jax.jit(fn))
 
 
 def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, *,
                  cache: steps_lib.StepCache | None = None):
   """The jitted LA-GRPO update (state donated) on one rollout batch (`rollout.assemble`'s
-  fields plus old_logp, and ref_logp when rl.beta > 0)."""
+  fields, or `rollout.assemble_grouped`'s with rl.shared_prefix, plus old_logp, and
+  ref_logp when rl.beta > 0)."""
   platform = steps_lib.platform(mesh)
   settings = grpo.LossSettings.from_rl(c.rl)
   chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
@@ -135,11 +170,24 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, *,
 def micro_batches(batch: dict, count: int, mesh) -> list[dict]:
   """A rollout batch (R rows, sharded over data x fsdp) as `count` micro-batches of R /
   count rows: row r goes to micro-batch r % count, so each batch shard keeps its own rows
-  and no rows move between chips. count 1: [batch] itself."""
+  and no rows move between chips. count 1: [batch] itself.
+
+  A grouped batch splits by prompt: prompt b and its G completions go to micro-batch
+  b % count. Each micro-batch holds whole groups, so each prompt is computed once per
+  update (splitting a group would recompute its prompt, vision tower included, in every
+  micro-batch holding one of its completions); B must then split into count x shards."""
   if count == 1:
     return [batch]
-  rows = batch["input_ids"].shape[0]
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if shared_prefix.is_grouped(batch):
+    prompts = batch["prompt_ids"].shape[0]
+    if prompts % (count * shards):
+      raise ValueError(f"rl.shared_prefix keeps each prompt's completions in one "
+                       f"micro-batch: the rollout batch's {prompts} prompts "
+                       f"(rl.prompts_per_step) do not split into optim.grad_accum = {count} "
+                       f"micro-batches over {shards} batch shards")
+    return list(_split_grouped(batch, count, mesh))
+  rows = batch["input_ids"].shape[0]
   if rows % (count * shards):
     raise ValueError(f"the rollout batch's {rows} rows (rl.prompts_per_step x rl.group_size) "
                      f"do not split into optim.grad_accum = {count} micro-batches over "
@@ -152,4 +200,16 @@ def _split(batch: dict, count: int, mesh) -> tuple[dict, ...]:
   pick = lambda x, i: jax.lax.with_sharding_constraint(
       x.reshape(x.shape[0] // count, count, *x.shape[1:])[:, i],
       sharding.batch_sharding(mesh, x.ndim))
+  return tuple({k: pick(v, i) for k, v in batch.items()} for i in range(count))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _split_grouped(batch: dict, count: int, mesh) -> tuple[dict, ...]:
+  prompts = batch["prompt_ids"].shape[0]
+
+  def pick(x, i):  # x: [B, ...] per prompt or [B * G, ...] per completion
+    g = x.shape[0] // prompts
+    x = x.reshape(prompts // count, count, g, *x.shape[1:])[:, i]
+    return jax.lax.with_sharding_constraint(x.reshape(-1, *x.shape[2:]),
+                                            sharding.batch_sharding(mesh, x.ndim - 1))
   return tuple({k: pick(v, i) for k, v in batch.items()} for i in range(count))
