@@ -384,3 +384,26 @@ def test_rl_loop_shared_with_accumulation_kl_and_dynamic_sampling(tmp_path):
   for k in ("loss", "grad_norm", "kl", "logp_drift", "tis_weight_mean"):
     assert np.isfinite(last[k]), k
   assert last["kl"] > 0  # the second update's policy has left the reference
+
+
+@pytest.mark.slow
+def test_sharded_over_a_mesh_equals_one_device():
+  """The grouped update with prompts and completions sharded over the batch axes (and
+  the params over tensor / fsdp), micro-batches included: equal to the unshared
+  single-device loss, metrics and gradients (tests/shared_prefix_mesh_check.py, 4 fake
+  CPU devices)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-m", "tests.shared_prefix_mesh_check"], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  print(f"\n[shared-prefix mesh] {report}")
+  for name, r in report.items():
+    for key in ("loss", "metrics", "grads", "micro_logps"):
+      assert r[key] < TOL, (name, key, r[key])
