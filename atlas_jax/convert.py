@@ -13,13 +13,15 @@ import dataclasses
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from atlas_jax import checkpoint as checkpoint_lib
-from atlas_jax import functional_tokens, hf
-from atlas_jax.model import abstract_params
+from atlas_jax import functional_tokens, hf, sharding
+from atlas_jax.model import abstract_params, param_shardings
 from atlas_jax.model import config as config_lib
+from atlas_jax.run import setup
 from atlas_jax.run.state import TrainState
 
 
@@ -55,16 +57,23 @@ def tokenizer_dir(src: str) -> str:
 
 
 def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
-                add_functional_tokens: bool = True) -> None:
-  """HF directory -> atlas_jax model directory (params only; optimizer state starts fresh)."""
+                add_functional_tokens: bool = True, fsdp: int = -1, tensor: int = 1) -> None:
+  """HF directory -> atlas_jax model directory (params only; optimizer state starts fresh).
+
+  The params are born sharded over a data=1 x `fsdp` x `tensor` mesh of every device
+  (`setup.load_hf_sharded`: each process reads only its devices' blocks), grow their
+  vocabulary sharded and are written by orbax shard by shard: no process holds more than
+  its devices' shards plus one layer's slice."""
   from transformers import AutoTokenizer
-  config, params = hf.load(src, dtype=jnp.dtype(dtype))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": fsdp, "tensor": tensor})
+  config, params = setup.load_hf_sharded(src, mesh, {}, dtype=jnp.dtype(dtype))
   tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
   tokens = functional_tokens.FUNCTIONAL_TOKENS if add_functional_tokens else ()
   params, config, table = functional_tokens.extend_vocab(tokenizer, params, config, tokens)
   state = TrainState.create(params, optax.identity(), seed=0)
   os.makedirs(dst, exist_ok=True)
-  tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
+  if jax.process_index() == 0:
+    tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
   with checkpoint_lib.Checkpointer(os.path.join(dst, "checkpoints"), save_every=1, keep=1,
                                    async_save=False) as ckpt:
     ckpt.save(0, state, data_state=None, force=True,
@@ -73,8 +82,14 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str = "float32",
 
 
 def orbax_to_hf(src: str, dst: str, *, step: int | None = None, dtype: str = "bfloat16",
-                max_shard_size: str = "5GB") -> None:
-  """atlas_jax model directory or training workdir -> HF directory."""
+                max_shard_size: str = "5GB", fsdp: int = -1, tensor: int = 1) -> None:
+  """atlas_jax model directory or training workdir -> HF directory.
+
+  The params are restored sharded over a data=1 x `fsdp` x `tensor` mesh of every device
+  (orbax reads each device's blocks), then `hf.save` gathers one (per-layer) tensor at a
+  time: beside its devices' shards, a process holds at most one whole per-layer tensor
+  (the largest, e.g. the embedding or LM head [V, D]) and its converted copy, and process
+  0 the safetensors shard being written (`max_shard_size`)."""
   from transformers import AutoTokenizer
   ckpt_dir = checkpoint_dir(src)
   extra = checkpoint_lib.read_extra(ckpt_dir, step)
@@ -87,7 +102,10 @@ def orbax_to_hf(src: str, dst: str, *, step: int | None = None, dtype: str = "bf
     if tokenizer.convert_tokens_to_ids(token) != tid:
       raise ValueError(f"tokenizer in {tokenizer_dir(src)} maps {token} to "
                        f"{tokenizer.convert_tokens_to_ids(token)}; the checkpoint says {tid}")
-  params = checkpoint_lib.restore_params_only(ckpt_dir, step, abstract_params(config))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": fsdp, "tensor": tensor})
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_params(config), param_shardings(mesh, config))
+  params = checkpoint_lib.restore_params_only(ckpt_dir, step, abstract)
   total = sum(config.vision.depth if r.per_layer and r.path[0] == "visual" else
               config.text.num_hidden_layers if r.per_layer else 1
               for r in hf.param_table(config))

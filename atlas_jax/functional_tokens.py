@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from atlas_jax.model.config import ModelConfig
 
@@ -116,6 +118,28 @@ def _new_rows(matrix, owned, mode: str, new_tokens, tokenizer):
   return jnp.stack(rows)
 
 
+def _grown(refit, matrix, transposed: bool):
+  """refit(matrix as [V, D]) -> [V', D] (the LM head [D, V] is transposed around it).
+
+  A jax.Array with a NamedSharding grows born sharded: one jitted program whose output
+  keeps the input's partition spec. Inside it, the new rows are computed from the matrix
+  with its vocab axis replicated (each device reduces over every row of its own columns),
+  so the rows are bitwise those a single device computes. Host arrays grow on the default
+  device, as before.
+  """
+  orient = (lambda m: m.T) if transposed else (lambda m: m)
+  sharding = getattr(matrix, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return orient(refit(orient(matrix), lambda m: m))
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  column_axes = spec[0] if transposed else spec[1]
+  by_column = NamedSharding(sharding.mesh, PartitionSpec(None, column_axes))
+  gathered = lambda m: jax.lax.with_sharding_constraint(m, by_column)
+  grow = lambda m: orient(refit(orient(m), gathered))
+  return jax.jit(grow, out_shardings=NamedSharding(sharding.mesh, PartitionSpec(*spec)))(
+      matrix)
+
+
 def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKENS,
                  init: str = "mean"):
   """Adds `tokens` to the tokenizer (in place) and fits params/config to it.
@@ -123,7 +147,8 @@ def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKEN
   Args:
     tokenizer: a transformers tokenizer loaded from a local directory; modified in place.
     params: model params (host or device arrays); not modified. Only the embedding and
-      LM head change, with jnp operations (sharded arrays stay on device).
+      LM head change; sharded arrays grow born sharded (their partition spec kept, never
+      gathered whole), with the same new rows as on one device, bitwise.
     config: the ModelConfig of `params`.
     tokens: token strings to register, in order.
     init: "mean" or "describe" for the rows of newly added tokens.
@@ -159,14 +184,14 @@ def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKEN
   new_rows = _round_up(needed, PAD_MULTIPLE) if needed > rows else rows
   new_ids = np.array([table.ids[t] for t in new_tokens])
 
-  def refit(matrix):  # [V, D] -> [new_rows, D]
-    init_rows = _new_rows(matrix, owned_before, init, new_tokens, tokenizer)
+  def refit(matrix, gathered):  # [V, D] -> [new_rows, D]
+    init_rows = _new_rows(gathered(matrix), owned_before, init, new_tokens, tokenizer)
     matrix = jnp.pad(jnp.asarray(matrix), ((0, new_rows - rows), (0, 0)))
     return matrix.at[new_ids].set(init_rows.astype(matrix.dtype))
 
   params = dict(params)
-  params["embed"] = {"embedding": refit(params["embed"]["embedding"])}
+  params["embed"] = {"embedding": _grown(refit, params["embed"]["embedding"], False)}
   if "lm_head" in params:
-    params["lm_head"] = {"kernel": refit(params["lm_head"]["kernel"].T).T}
+    params["lm_head"] = {"kernel": _grown(refit, params["lm_head"]["kernel"], True)}
   config = config.replace_text(vocab_size=new_rows)
   return params, config, table

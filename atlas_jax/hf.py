@@ -5,9 +5,11 @@ key in the published layout (`model.*`, `visual.*`, `lm_head.weight`; `{l}` mark
 per-layer key whose tensors stack on the leaf's leading `layers` axis) and how the tensor
 changes shape. Import reads the table one way; export reads it the other way.
 
-Tensors are read one at a time from memory-mapped safetensors files, converted, placed on
-device (sharded, when shardings are given) and dropped, so host memory never holds a second
-copy of the model. Nothing is ever unpickled.
+Import is born sharded: each process reads, tensor by tensor, only the rows and columns of
+the safetensors data that its own devices hold, converts them and places them
+(`jax.make_array_from_single_device_arrays`), so no device holds more than its shard and no
+process more than its devices' shards plus one layer's slice in flight. Export gathers one
+(per-layer) tensor at a time. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -145,6 +147,9 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
+_CHUNK_BYTES = 8 * 2**20
+
+
 class SafetensorsDir:
   """Memory-mapped tensors of a HF model directory (single file or sharded with an index).
 
@@ -188,15 +193,54 @@ class SafetensorsDir:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.entries[key][1]["shape"])
 
-  def get(self, key: str) -> np.ndarray:
-    file, meta, base = self.entries[key]
+  def dtype(self, key: str) -> np.dtype:
+    file, meta, _ = self.entries[key]
     if meta["dtype"] not in _ST_DTYPES:
       raise ValueError(f"{key} in {file} has dtype {meta['dtype']}; expected one of "
                        f"{sorted(_ST_DTYPES)}")
+    return np.dtype(_ST_DTYPES[meta["dtype"]])
+
+  def get(self, key: str) -> np.ndarray:
+    """The whole tensor, memory-mapped (read lazily; export tests and tools)."""
+    file, meta, base = self.entries[key]
+    dtype = self.dtype(key)
     start, end = meta["data_offsets"]
-    dtype = np.dtype(_ST_DTYPES[meta["dtype"]])
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
     return data.view(dtype).reshape(meta["shape"])
+
+  def read(self, key: str, rows: slice, cols: slice | None = None, dtype=None,
+           chunk_bytes: int = _CHUNK_BYTES) -> np.ndarray:
+    """rows x cols of the tensor seen as a matrix [shape[0], prod(shape[1:])] (a 1-D tensor:
+    `rows` of it, `cols` None), converted to `dtype` (default: the file's).
+
+    Read with plain file reads, `chunk_bytes` of whole rows at a time, so host memory
+    holds the block asked for plus one chunk: nothing is memory-mapped (mapped pages would
+    count against the process) and no other part of the tensor is kept.
+    """
+    file, meta, base = self.entries[key]
+    src = self.dtype(key)
+    dtype = src if dtype is None else np.dtype(dtype)
+    shape = meta["shape"]
+    width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    r0, r1, _ = rows.indices(shape[0])
+    c0, c1 = (0, width) if cols is None else cols.indices(width)[:2]
+    out = np.empty((r1 - r0, c1 - c0) if len(shape) > 1 else (r1 - r0,), dtype)
+    row_bytes = width * src.itemsize
+    step = max(1, chunk_bytes // max(row_bytes, 1))
+    offset = base + meta["data_offsets"][0]
+    with open(file, "rb", buffering=0) as f:
+      for r in range(r0, r1, step):
+        n = min(step, r1 - r)
+        buf = np.empty(n * row_bytes, np.uint8)
+        f.seek(offset + r * row_bytes)
+        if f.readinto(memoryview(buf)) != buf.nbytes:
+          raise ValueError(f"{file} ends inside tensor {key!r}; the file is truncated")
+        block = buf.view(src)
+        if len(shape) > 1:
+          out[r - r0:r - r0 + n] = block.reshape(n, width)[:, c0:c1]
+        else:
+          out[r - r0:r - r0 + n] = block
+    return out
 
 
 def published_key(key: str) -> str:
@@ -225,21 +269,90 @@ def _num_layers(config, rule: Rule) -> int:
 # Import
 
 
+def _group(dims, bounds) -> tuple[slice, tuple[int, ...], tuple[slice, ...]]:
+  """Dims `dims` flattened row-major into one (an HF axis) and our `bounds` [(start, stop)]
+  on them -> (the flat range to read: whole rows of the first dim, the read block's dims,
+  the slices that cut it down to `bounds`)."""
+  inner = int(np.prod(dims[1:]))
+  (a, b), rest = bounds[0], bounds[1:]
+  return (slice(a * inner, b * inner), (b - a,) + tuple(dims[1:]),
+          (slice(None),) + tuple(slice(lo, hi) for lo, hi in rest))
+
+
+def read_slice(reader: SafetensorsDir, key: str, rule: Rule, shape: tuple[int, ...], bounds,
+               dtype) -> np.ndarray:
+  """Our (per-layer) tensor of `shape`, cut to `bounds` [(start, stop) per dim], read from HF
+  tensor `key` as only the rows (and columns) it needs, converted to `dtype`."""
+  if rule.kind == "copy":
+    if len(shape) == 1:
+      return reader.read(key, slice(*bounds[0]), dtype=dtype)
+    return reader.read(key, slice(*bounds[0]), slice(*bounds[1]), dtype=dtype)
+  if rule.kind == "flat":  # HF [N*H] -> ours [N, H]
+    rows, dims, cut = _group(shape, bounds)
+    return reader.read(key, rows, dtype=dtype).reshape(dims)[cut]
+  if rule.kind == "conv":  # HF [D, C, T, p, p] as [D, K] -> ours [K, D]
+    return reader.read(key, slice(*bounds[1]), slice(*bounds[0]), dtype=dtype).T
+  if rule.kind == "linear":  # HF [prod(out), prod(in)] -> ours [*in, *out]
+    n = rule.in_dims
+    rows, out_dims, out_cut = _group(shape[n:], bounds[n:])
+    cols, in_dims, in_cut = _group(shape[:n], bounds[:n])
+    block = reader.read(key, rows, cols, dtype=dtype).T
+    return block.reshape(in_dims + out_dims)[in_cut + out_cut]
+  raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+def _bounds(index, shape) -> tuple[tuple[int, int], ...]:
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _read_shard(reader, keys: list[str], rule: Rule, shape, bounds, dtype) -> np.ndarray:
+  """The block `bounds` of leaf `shape`: a stacked leaf is filled one layer's slice at a
+  time, so no more than the block and one layer's slice are in host memory."""
+  if not rule.per_layer:
+    return np.ascontiguousarray(read_slice(reader, keys[0], rule, shape, bounds, dtype))
+  (l0, l1), inner = bounds[0], bounds[1:]
+  out = np.empty(tuple(b - a for a, b in bounds), dtype)
+  for i, l in enumerate(range(l0, l1)):
+    out[i] = read_slice(reader, keys[l], rule, shape[1:], inner, dtype)
+  return out
+
+
+def _place(reader, keys: list[str], rule: Rule, shape, dtype, sharding) -> jax.Array:
+  """One leaf as a global jax.Array with `sharding`, built from the blocks this process's
+  devices hold; a block that several local devices hold (replication) is read once."""
+  by_block: dict[tuple, list] = {}
+  for device, index in sharding.addressable_devices_indices_map(shape).items():
+    by_block.setdefault(_bounds(index, shape), []).append(device)
+  arrays = []
+  for bounds, devices in by_block.items():
+    block = _read_shard(reader, keys, rule, shape, bounds, dtype)
+    arrays += jax.device_put([block] * len(devices), devices)
+    del block
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def load(path: str, dtype=jnp.float32, *, shardings=None, **runtime):
-  """Loads a local Hugging Face Qwen2.5-VL directory.
+  """Loads a local Hugging Face Qwen2.5-VL directory, born sharded.
+
+  Each process reads, for each leaf, only the blocks its own devices hold (rows and columns
+  of the safetensors data, with plain file reads), converts them to `dtype` block by block
+  and places them; a stacked leaf (one weight of every layer) is filled one layer's slice
+  at a time. A process holds at most its devices' shards plus one layer's slice in flight;
+  nothing is gathered or built whole.
 
   Args:
     path: directory with config.json and model.safetensors (or a sharded index), in the
       published layout or transformers 5's.
     dtype: dtype of the returned parameters (master weights; fp32 by default).
-    shardings: optional pytree of `jax.sharding.Sharding` matching the params; each leaf is
-      placed with its sharding as soon as it is read.
+    shardings: pytree of `jax.sharding.Sharding` matching the params (e.g.
+      `model.param_shardings(mesh, config_lib.from_hf_dir(path))`); None: every leaf on
+      the default device.
     runtime: ModelConfig run-time fields (`dtype` of compute as `compute_dtype`, `remat`).
   Returns:
-    (ModelConfig, params pytree).
+    (ModelConfig, params pytree of jax.Arrays).
   Raises:
-    ValueError naming the key for a missing, unexpected or mis-shaped tensor, before any
-    tensor is converted.
+    ValueError naming the key for a missing, unexpected or mis-shaped tensor (or an
+    unsupported dtype), before any tensor is read.
   """
   if "compute_dtype" in runtime:
     runtime["dtype"] = runtime.pop("compute_dtype")
@@ -270,22 +383,16 @@ def load(path: str, dtype=jnp.float32, *, shardings=None, **runtime):
     if found != shape:
       raise ValueError(f"{path}: tensor {keys[key]!r} has shape {found}; expected {shape} "
                        "from config.json")
+    reader.dtype(keys[key])
 
   np_dtype = np.dtype(dtype)
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   params: dict = {}
   for rule in table:
-    leaf = _get(abstract, rule.path)
-    slice_shape = leaf.shape[1:] if rule.per_layer else leaf.shape
-    value = np.empty(leaf.shape, np_dtype)
-    for i, key in enumerate(_expand(rule, _num_layers(config, rule))):
-      part = to_ours(rule, reader.get(keys[key]), slice_shape)
-      if rule.per_layer:
-        value[i] = part
-      else:
-        value[...] = part
-    sharding = _get(shardings, rule.path) if shardings is not None else None
-    _set(params, rule.path, jax.device_put(value, sharding))
-    del value
+    shape = _get(abstract, rule.path).shape
+    sharding = _get(shardings, rule.path) if shardings is not None else default
+    names = [keys[k] for k in _expand(rule, _num_layers(config, rule))]
+    _set(params, rule.path, _place(reader, names, rule, shape, np_dtype, sharding))
   return config, params
 
 
@@ -377,7 +484,10 @@ def save(config: config_lib.ModelConfig, params, tokenizer, path: str, dtype=jnp
   Writes safetensors in the published key layout (sharded with an index above
   `max_shard_size`), config.json (with the current vocab_size), generation_config.json,
   the tokenizer (functional tokens stay normal added tokens) and the image-processor
-  config. Params may be sharded over a mesh: they are gathered one tensor at a time. In a
+  config. Params may be sharded over a mesh: they are gathered one (per-layer) tensor at a
+  time, so beside its devices' shards a process holds at most one whole per-layer tensor
+  (the largest is the embedding or LM head, [V, D]) and its converted copy in `dtype`;
+  process 0 also holds the safetensors shard it is filling, up to `max_shard_size`. In a
   multi-process run every process must call this (gathers are collective); only process 0
   writes. `progress(key)` is called after each tensor.
   """

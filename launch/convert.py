@@ -29,6 +29,9 @@ flags.DEFINE_string("max_shard_size", "5GB", "HF export: safetensors shard size.
 flags.DEFINE_integer("step", None, "orbax_to_hf: checkpoint step (default latest).")
 flags.DEFINE_bool("add_functional_tokens", True, "hf_to_orbax: add the ATLAS tokens.")
 flags.DEFINE_bool("overwrite", False, "Allow writing into a non-empty --dst.")
+flags.DEFINE_integer("fsdp", -1, "Mesh fsdp axis the params are read into, sharded (-1: "
+                     "every device not in --tensor).")
+flags.DEFINE_integer("tensor", 1, "Mesh tensor axis the params are read into.")
 flags.mark_flags_as_required(["direction", "src", "dst"])
 
 
@@ -49,10 +52,12 @@ def main(argv):
   from atlas_jax import convert
   if FLAGS.direction == "hf_to_orbax":
     convert.hf_to_orbax(FLAGS.src, FLAGS.dst, dtype=FLAGS.dtype,
-                        add_functional_tokens=FLAGS.add_functional_tokens)
+                        add_functional_tokens=FLAGS.add_functional_tokens, fsdp=FLAGS.fsdp,
+                        tensor=FLAGS.tensor)
   else:
     convert.orbax_to_hf(FLAGS.src, FLAGS.dst, step=FLAGS.step, dtype=FLAGS.dtype,
-                        max_shard_size=FLAGS.max_shard_size)
+                        max_shard_size=FLAGS.max_shard_size, fsdp=FLAGS.fsdp,
+                        tensor=FLAGS.tensor)
 
 
 if __name__ == "__main__":

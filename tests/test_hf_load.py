@@ -163,3 +163,76 @@ def test_flat_config_form_reads_the_same(saved, tmp_path):
   a, b = from_hf_dict(nested), from_hf_dict(flat)
   assert a.text == b.text and a.vision == b.vision
   assert a.text.mrope_section == tuple(rp["mrope_section"])
+
+
+# Shapes whose sharded dims divide an fsdp=4 x tensor=2 mesh (vocab: the tiny tokenizer's).
+MESH_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 2, 2])
+MESH_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2)
+
+_MESH_SCRIPT = """
+import jax, numpy as np
+from transformers import AutoTokenizer
+from atlas_jax import functional_tokens as ft, hf, sharding
+from atlas_jax.model import config as config_lib, param_shardings
+path = {path!r}
+config, single = hf.load(path)
+mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
+shardings = param_shardings(mesh, config_lib.from_hf_dir(path))
+_, sharded = hf.load(path, shardings=shardings)
+flat = jax.tree_util.tree_flatten_with_path
+for (name, a), b, s in zip(flat(single)[0], jax.tree.leaves(sharded), jax.tree.leaves(shardings)):
+  assert b.sharding == s, (name, b.sharding, s)
+  assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), name
+  for shard in b.addressable_shards:  # each device holds its block, and only that
+    assert np.array_equal(np.asarray(shard.data), np.asarray(a)[shard.index]), name
+spread = sharded["decoder"]["layers"]["mlp"]["up"]["kernel"]
+assert {{len(s.data.reshape(-1)) for s in spread.addressable_shards}} == {{spread.size // 8}}
+for init in ("mean", "describe"):
+  tok_a = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  tok_b = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  pa, ca, ta = ft.extend_vocab(tok_a, single, config, init=init)
+  pb, cb, tb = ft.extend_vocab(tok_b, sharded, config, init=init)
+  assert ca == cb and ta == tb and cb.text.vocab_size > config.text.vocab_size
+  grown = param_shardings(mesh, cb)
+  for leaf in (("embed", "embedding"), ("lm_head", "kernel")):
+    a, b = pa[leaf[0]][leaf[1]], pb[leaf[0]][leaf[1]]
+    assert b.sharding == grown[leaf[0]][leaf[1]], (leaf, b.sharding)
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), (init, leaf)
+print("same")
+"""
+
+
+def test_8_device_load_is_born_sharded_and_bitwise_the_single_device_load(tmp_path):
+  """fsdp=4 x tensor=2: every leaf carries its sharding, every device holds exactly its
+  block, the values are the single-device load's bitwise, and the vocabulary extension
+  grows the sharded embedding and LM head (sharded) to the single-device values."""
+  path = write_mesh_model(str(tmp_path / "hf"))
+  assert "same" in run_8_devices(_MESH_SCRIPT.format(path=path))
+
+
+def write_mesh_model(path: str) -> str:
+  """A random HF directory (with the tiny tokenizer) whose dims divide fsdp=8 and
+  fsdp=4 x tensor=2, with too few spare vocabulary rows for the functional tokens."""
+  from atlas_jax import random_checkpoint
+  from atlas_jax.data.tokenizer import build_tokenizer
+  tok = build_tokenizer(path)
+  ids = {k: tok.convert_tokens_to_ids(t) for k, t in [
+      ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+      ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+  vocab = len(tok) + len(tok) % 2  # divisible by tensor=2
+  cfg = random_checkpoint.hf_config(dict(MESH_TEXT, vocab_size=vocab), MESH_VISION, **ids)
+  random_checkpoint.write(path, cfg, seed=3)
+  return path
+
+
+def run_8_devices(script: str) -> str:
+  """Runs `script` in a Python with 8 CPU devices; returns its stdout (fails on an error)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=F.xla_flags(8), PYTHONPATH=root)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env=env, timeout=300, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout

@@ -98,15 +98,18 @@ def runtime_options(c, platform: str) -> dict:
 
 
 def load_model(c, tokenizer, mesh):
-  """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added."""
+  """(ModelConfig, params sharded over `mesh`, TokenTable), functional tokens added.
+
+  Every path is born sharded: a Hugging Face directory is read as the blocks each
+  process's devices hold (`load_hf_sharded`), a fresh init is jitted with out_shardings,
+  and the vocabulary grows on the sharded arrays; the final device_put moves nothing
+  unless the grown vocabulary changed a sharding."""
   runtime = runtime_options(c, mesh.devices.flat[0].platform)
   if c.model.init_checkpoint:
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
-    config, params = hf.load(c.model.hf_path, compute_dtype=c.model.dtype, remat=c.model.remat)
-    config = config.replace(attention_chunk=c.model.attention_chunk,
-                            attention_impl=runtime["attention_impl"])
     image_id = functional_tokens.token_id(tokenizer, "<|image_pad|>")
+    config, params = load_hf_sharded(c.model.hf_path, mesh, runtime)
     if image_id != config.image_token_id:
       raise ValueError(f"tokenizer's <|image_pad|> id {image_id} differs from config.json's "
                        f"image_token_id {config.image_token_id}")
@@ -119,6 +122,15 @@ def load_model(c, tokenizer, mesh):
       tokenizer, params, config, tuple(c.functional_tokens.tokens), c.functional_tokens.init)
   params = jax.device_put(params, param_shardings(mesh, config))
   return config, params, table
+
+
+def load_hf_sharded(path: str, mesh, runtime: dict, dtype="float32"):
+  """(ModelConfig, params) of a Hugging Face directory, born sharded over `mesh`: the
+  shardings come from config.json (read alone) before any tensor is, and each process
+  reads only its devices' blocks (`hf.load`). `runtime`: `runtime_options`."""
+  config = model_config_lib.from_hf_dir(path, **runtime)
+  compute = {("compute_dtype" if k == "dtype" else k): v for k, v in runtime.items()}
+  return hf.load(path, dtype, shardings=param_shardings(mesh, config), **compute)
 
 
 def _load_checkpoint_model(c, tokenizer, mesh, runtime):
