@@ -78,10 +78,14 @@ def random_model(config, *, seed: int = 0, attn_implementation: str = "eager",
 
 
 def write(path: str, config, *, seed: int = 0, attn_implementation: str = "eager",
-          norm_noise: float = 0.1, **save_kwargs):
+          norm_noise: float = 0.1, dtype: str = "float32", **save_kwargs):
   """`random_model(config, ...)` saved to `path` as a Hugging Face directory (config.json
-  and safetensors; `save_kwargs` go to `save_pretrained`). Returns the torch model."""
+  and safetensors of `dtype`, e.g. "bfloat16" as the published checkpoints; `save_kwargs`
+  go to `save_pretrained`). Returns the torch model (in `dtype`)."""
+  import torch
   model = random_model(config, seed=seed, attn_implementation=attn_implementation,
                        norm_noise=norm_noise)
+  if dtype != "float32":
+    model = model.to(getattr(torch, dtype))
   model.save_pretrained(path, **save_kwargs)
   return model
