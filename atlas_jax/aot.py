@@ -14,7 +14,11 @@ sampler, rl.prompts_per_step prompts of data.max_length, rl.group_size samples o
 rl.max_new_tokens each), `old-logp` (the trainer's log-prob pass) and `la-grpo` (the
 update), both over one micro-batch of the rollout batch: prompts x group_size /
 optim.grad_accum rows of data.max_length + rl.max_new_tokens tokens, the length
-`rollout.assemble` gives them.
+`rollout.assemble` gives them. With rl.shared_prefix those two take the grouped batch
+instead (`rollout.assemble_grouped`: a micro-batch's prompts / grad_accum prompts of
+data.max_length with their images once, their G completions of rl.max_new_tokens), the
+report's attention column says "+shared", and the analytic FLOPs are the shared
+computation's (`shared_prefix_flops`).
 
 Roofline: time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per chip, and
 MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body of a
@@ -43,11 +47,12 @@ import time
 import jax
 import jax.numpy as jnp
 
+from atlas_jax import hf
 from atlas_jax import sampler as sampler_lib
 from atlas_jax import sharding
 from atlas_jax import config as config_lib
 from atlas_jax.config import base_config
-from atlas_jax.model import abstract_params, from_size
+from atlas_jax.model import abstract_params, from_size, param_shardings
 from atlas_jax.model import attention as attention_lib
 from atlas_jax.rl.update import old_logps_fn, rl_update_fn
 from atlas_jax.run import optimizer as optimizer_lib
@@ -92,6 +97,8 @@ class Report:
   roofline_s: float = 0.0
   mfu: float = 0.0
   compiled: bool = True      # False: the compiler rejected it for HBM (sizes from its message)
+  import_gib: float = 0.0    # the HF import, per chip (`import_memory`), the same on every row
+  import_host_gib: float = 0.0  # ... and host memory in flight per host
 
   @property
   def fits(self) -> bool:
@@ -157,6 +164,22 @@ def model_flops(config, step: str, *, rows: int, length: int, patches: int,
   forward = (2 * n_text * length - 2 * head + text_attention + 2 * n_vision * patches
              + 2 * n_merger * (patches // 4) + vision_attention)
   return rows * forward * (1 if step in ("prefill", "old-logp") else 3)
+
+
+def shared_prefix_flops(config, step: str, *, prompts: int, completions: int,
+                        prompt_length: int, new_tokens: int, patches: int) -> float:
+  """Analytic FLOPs of an RL training pass on a grouped batch (rl.shared_prefix), all
+  chips: each prompt and its images once (no LM head), each completion's N tokens with the
+  LM head, and the completions' attention to their prompt (4 x L x N x H x T x N each),
+  x3 with the backward pass."""
+  t = config.text
+  text_heads = t.num_hidden_layers * t.num_attention_heads * t.head_dim
+  prompt = model_flops(config, step, rows=prompts, length=prompt_length, patches=patches,
+                       logit_positions=0)
+  own = model_flops(config, step, rows=completions, length=new_tokens, patches=0,
+                    logit_positions=new_tokens)
+  cross = 4 * text_heads * prompt_length * new_tokens * completions
+  return prompt + own + cross * (1 if step in ("prefill", "old-logp") else 3)
 
 
 def splash_flops(config, step: str, *, rows: int, length: int, patches: int) -> float:
@@ -249,6 +272,38 @@ def _sampler_state_shardings(mesh, shapes):
   return out.replace(cache=jax.tree.map(lambda _: cache, shapes.cache))
 
 
+def import_memory(config, mesh) -> dict[str, float]:
+  """GiB of the born-sharded HF import (`hf.load` with `model.param_shardings`, then
+  `functional_tokens.extend_vocab`) of `config` over `mesh`, analytic, in float32 master
+  weights. Per chip: its params' shards, plus, while the vocabulary grows, the larger
+  matrix (embedding or LM head) gathered over the vocab for the chip's columns and its grown
+  shard. Per host, in flight: one device's block of the largest leaf as read (the host
+  buffer it is assembled in), one layer's slice of it being converted, one read chunk."""
+  abstract = abstract_params(config)
+  shapes = _abstract(abstract, param_shardings(mesh, config))
+  shard = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * 4
+  params = _shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, jnp.float32, sharding=x.sharding), shapes))
+  layers = [_get_path(shapes, r.path) for r in hf.param_table(config) if r.per_layer]
+  layer_slice = max(shard(x) // x.shape[0] for x in layers)
+  vocab = 0
+  for path, vocab_dim in ((("embed", "embedding"), 0), (("lm_head", "kernel"), 1)):
+    if path[0] in shapes:
+      x = _get_path(shapes, path)
+      columns = x.sharding.shard_shape(x.shape)[1 - vocab_dim]
+      vocab = max(vocab, (x.shape[vocab_dim] * columns + math.prod(
+          x.sharding.shard_shape(x.shape))) * 4)
+  block = max(shard(x) for x in jax.tree.leaves(shapes))
+  return {"chip": (params + vocab) / GIB,
+          "host": (block + layer_slice + hf._CHUNK_BYTES) / GIB}  # noqa: SLF001
+
+
+def _get_path(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def recipe_mesh(c, devices):
   """`setup.make_mesh` over `devices` (a slice's), with its batch-divisibility check, and the
   rl prompt count's (the sampler shards prompts over data x fsdp)."""
@@ -285,11 +340,12 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
   unrolled_config = dataclasses.replace(config, unroll_loops=True)
 
   def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
-          logit_passes=0, logit_length=None):
+          logit_passes=0, logit_length=None, shared_prompts=0):
     """Compiles `lower(config)` (the loop's jitted function lowered on `args`) and appends
     its report; `lower(unrolled_config)` is the same step with every loop unrolled, lowered
     for its cost counts only. logit_length: the positions per row the LM head runs on
-    (default `length`)."""
+    (default `length`). shared_prompts > 0: a grouped batch of that many prompts of
+    data.max_length and `rows` completions of rl.max_new_tokens."""
     t0 = time.perf_counter()
     with sharding.with_rules(mesh, rules):
       lowered = lower(config)
@@ -313,23 +369,32 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     chunks = logit_length // min(chunk, logit_length)
     flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
               * config.text.hidden_size * config.text.vocab_size / n_devices)
-    if config.attention_impl == "splash":
-      flops += splash_flops(config, name, rows=rows, length=length,
+    if config.attention_impl == "splash":  # grouped: the prompts' (completions: einsums)
+      flops += splash_flops(config, name, rows=shared_prompts or rows,
+                            length=d.max_length if shared_prompts else length,
                             patches=d.max_patches) / n_devices
     # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
     seconds = tokens * max(flops / peak, nbytes / bandwidth) if compiled is not None else 0.0
-    analytic = model_flops(config, name, rows=rows, length=length, patches=d.max_patches,
-                           new_tokens=rl.max_new_tokens,
-                           logit_positions=logit_length) * tokens / n_devices
+    if shared_prompts:
+      analytic = shared_prefix_flops(
+          config, name, prompts=shared_prompts, completions=rows, prompt_length=d.max_length,
+          new_tokens=rl.max_new_tokens, patches=d.max_patches) / n_devices
+    else:
+      analytic = model_flops(config, name, rows=rows, length=length, patches=d.max_patches,
+                             new_tokens=rl.max_new_tokens,
+                             logit_positions=logit_length) * tokens / n_devices
     reports.append(Report(
         size=c.model.size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
-        compile_s=compile_s, attention=config.attention_impl, recipe=recipe, length=length,
+        compile_s=compile_s, recipe=recipe, length=length,
+        attention=config.attention_impl + ("+shared" if shared_prompts else ""),
         grad_accum=c.optim.grad_accum if name in ("sft", "la-grpo") else 1,
         tflops=xla_flops / 1e12, model_tflops=analytic / 1e12, flops_tflops=flops / 1e12,
         xla_bytes_gb=xla_bytes / 1e9, bytes_gb=nbytes / 1e9, roofline_s=seconds,
-        mfu=analytic / (seconds * peak) if seconds else 0.0, **stats))
+        mfu=analytic / (seconds * peak) if seconds else 0.0, import_gib=loading["chip"],
+        import_host_gib=loading["host"], **stats))
     return compiled
 
+  loading = import_memory(config, mesh)
   mesh_desc = "x".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "1"
   wanted = lambda name: steps is None or name in steps
   if c.recipe == "sft" and wanted("sft"):
@@ -369,21 +434,36 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     raise ValueError(f"config.rl.prompts_per_step x rl.group_size = {prompts * g} rollouts do "
                      f"not split into optim.grad_accum = {c.optim.grad_accum} micro-batches "
                      f"over {shards} batch shards")
-  per_token = ((r, length), jnp.float32)
-  batch = _batch(mesh, dict(images(r), input_ids=((r, length), jnp.int32),
-                            attention_mask=((r, length), jnp.int32),
-                            completion_mask=((r, length), jnp.int32), sampler_logp=per_token,
-                            advantages=((r,), jnp.float32)))
+  if rl.shared_prefix and prompts % (c.optim.grad_accum * shards):
+    raise ValueError(f"config.rl.prompts_per_step {prompts} does not split into "
+                     f"optim.grad_accum = {c.optim.grad_accum} micro-batches of whole groups "
+                     f"over {shards} batch shards (rl.shared_prefix)")
+  shared = prompts // c.optim.grad_accum if rl.shared_prefix else 0  # whole groups
+  if rl.shared_prefix:
+    per_token = ((r, n), jnp.float32)
+    batch = _batch(mesh, dict(images(shared), prompt_ids=((shared, t), jnp.int32),
+                              prompt_mask=((shared, t), jnp.int32),
+                              completion_ids=((r, n), jnp.int32),
+                              completion_mask=((r, n), jnp.int32), sampler_logp=per_token,
+                              advantages=((r,), jnp.float32)))
+  else:
+    per_token = ((r, length), jnp.float32)
+    batch = _batch(mesh, dict(images(r), input_ids=((r, length), jnp.int32),
+                              attention_mask=((r, length), jnp.int32),
+                              completion_mask=((r, length), jnp.int32),
+                              sampler_logp=per_token, advantages=((r,), jnp.float32)))
   if wanted("old-logp"):
     run("old-logp", lambda cfg: old_logps_fn(c, cfg).lower(state.params, batch),
-        (state.params, batch), rows=r, length=length, logit_passes=1, logit_length=n)
+        (state.params, batch), rows=r, length=length, logit_passes=1, logit_length=n,
+        shared_prompts=shared)
   update_batch = dict(batch, **_batch(mesh, dict(old_logp=per_token)))
   if rl.beta > 0:
     update_batch.update(_batch(mesh, dict(ref_logp=per_token)))
   if wanted("la-grpo"):
     run("la-grpo", lambda cfg: rl_update_fn(
         c, cfg, mesh, optimizer, state_sh, functional_ids).lower(state, update_batch),
-        (state, update_batch), rows=r, length=length, logit_passes=4, logit_length=n)
+        (state, update_batch), rows=r, length=length, logit_passes=4, logit_length=n,
+        shared_prompts=shared)
   return reports
 
 
@@ -448,6 +528,14 @@ def format_table(reports: list[Report]) -> str:
                  f"{r.hbm_gib:>5.0f}{'yes' if r.fits else 'NO':>5}{r.model_tflops:>8.1f}"
                  + (f"{r.roofline_s:>8.3f}{r.mfu:>6.0%}" if r.compiled else f"{'-':>8}{'-':>6}")
                  + f"{r.compile_s:>8.1f}s")
+  seen = set()
+  for r in reports:
+    if r.import_gib and (r.recipe, r.size, r.topology, r.mesh) not in seen:
+      seen.add((r.recipe, r.size, r.topology, r.mesh))
+      lines.append(f"import {r.recipe or r.size} on {r.topology} ({r.mesh}): "
+                   f"{r.import_gib:.2f} GiB per chip of {r.hbm_gib:.0f} (float32 params' "
+                   f"shards, vocabulary growth), {r.import_host_gib:.2f} GiB host memory in "
+                   "flight per host")
   lines.append("attn: the attention implementation (model.attention_impl as resolved for "
                "TPU). rows x len: sequences x tokens per compiled step (sft, la-grpo: one "
                "micro-batch, optim.grad_accum per update; decode: prompts x group size, "
