@@ -3,7 +3,7 @@ Face model and takes its first steps, against what it must hold.
 
   python -m launch.memory_audit                          # 0.52B, 2 processes x 4 devices
   python -m launch.memory_audit --size=small --processes=2 --devices=4 --tensor=2
-  python -m launch.memory_audit --size=3b --file_dtype=bfloat16   # if the machine allows
+  python -m launch.memory_audit --size=3b --file_dtype=bfloat16 --nosteps  # the import only
 
 A random Qwen2.5-VL of the chosen shape is written in HF layout (`atlas_jax.random_checkpoint`,
 with the tiny tokenizer; cached under --model_dir), then N jax.distributed CPU processes of D
@@ -54,6 +54,8 @@ flags.DEFINE_integer("devices", 4, "CPU devices per process.")
 flags.DEFINE_integer("tensor", 2, "Mesh tensor axis (fsdp takes the rest).")
 flags.DEFINE_string("model_dir", "", "Where the random HF directories are kept (default: a "
                     "temporary directory).")
+flags.DEFINE_bool("steps", True, "Also take the first evaluation batch and SFT step (False: "
+                  "the import's phases only).")
 flags.DEFINE_string("json_out", "", "Also write the figures here as JSON.")
 flags.DEFINE_integer("timeout", 1800, "Seconds each multi-process run may take.")
 flags.DEFINE_string("worker", "", "(internal) run one process: JSON arguments.")
@@ -226,6 +228,9 @@ def worker(args: dict) -> dict:
   finally:
     hf.load, functional_tokens.extend_vocab = load, extend
 
+  if not args["steps"]:
+    peaks.enter(None)
+    return {"process": jax.process_index(), "peaks": peaks.peaks}
   peaks.enter("first evaluation batch")
   rows = c.data.batch_size // jax.process_count()
   sft_batch, eval_batch = _batch(tokenizer, config, rows, 128)
@@ -270,6 +275,10 @@ class Result:
   tiny_peaks: list[dict]
 
   @property
+  def phases(self) -> tuple[str, ...]:
+    return tuple(p for p in PHASES if p in self.peaks[0])
+
+  @property
   def model_bytes(self) -> int:
     return 4 * self.parameters
 
@@ -291,7 +300,7 @@ class Result:
             "run, in model float32 bytes (GiB)")
     cols = [f"process {p}" for p in range(self.processes)]
     lines = [head, f"{'phase':<24}{'floor':>8}" + "".join(f"{c:>20}" for c in cols)]
-    for phase in PHASES:
+    for phase in self.phases:
       cells = "".join(f"{self.fraction(p, phase):>11.2f} ({self.excess(p, phase) / 2**30:5.2f})"
                       for p in range(self.processes))
       lines.append(f"{phase:<24}{self.floor(phase):>8.2f}{cells}")
@@ -300,12 +309,12 @@ class Result:
   def to_json(self) -> dict:
     return dict(dataclasses.asdict(self), model_bytes=self.model_bytes,
                 fractions={ph: [self.fraction(p, ph) for p in range(self.processes)]
-                           for ph in PHASES},
-                floors={ph: self.floor(ph) for ph in PHASES})
+                           for ph in self.phases},
+                floors={ph: self.floor(ph) for ph in self.phases})
 
 
 def run_processes(path: str, processes: int, devices: int, tensor: int,
-                  timeout: float, env: dict | None = None) -> list[dict]:
+                  timeout: float, env: dict | None = None, steps: bool = True) -> list[dict]:
   """The worker in `processes` jax.distributed CPU processes of `devices` devices each."""
   import socket
   with socket.socket() as s:
@@ -322,7 +331,7 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
   procs = []
   for i in range(processes):
     args = dict(path=path, tensor=tensor, processes=processes, process_id=i,
-                coordinator=f"localhost:{port}")
+                coordinator=f"localhost:{port}", steps=steps)
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "launch.memory_audit", f"--worker={json.dumps(args)}"],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -345,15 +354,15 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
 
 def audit(size: str, *, processes: int = 2, devices: int = 4, tensor: int = 2,
           file_dtype: str = "float32", model_dir: str = "", timeout: float = 1800,
-          env: dict | None = None) -> Result:
+          env: dict | None = None, steps: bool = True) -> Result:
   """The audit of one shape (the tiny model's run first). Returns a Result."""
   model_dir = model_dir or tempfile.mkdtemp(prefix="memory_audit_")
   tiny = os.path.join(model_dir, f"tiny_{file_dtype}")
   big = os.path.join(model_dir, f"{size}_{file_dtype}")
   write_model(tiny, "tiny", file_dtype)
   parameters = write_model(big, size, file_dtype)
-  tiny_runs = run_processes(tiny, processes, devices, tensor, timeout, env)
-  runs = run_processes(big, processes, devices, tensor, timeout, env)
+  tiny_runs = run_processes(tiny, processes, devices, tensor, timeout, env, steps)
+  runs = run_processes(big, processes, devices, tensor, timeout, env, steps)
   return Result(size, parameters, processes, devices, tensor, file_dtype,
                 [r["peaks"] for r in runs], [r["peaks"] for r in tiny_runs])
 
@@ -365,7 +374,7 @@ def main(argv):
     return
   result = audit(FLAGS.size, processes=FLAGS.processes, devices=FLAGS.devices,
                  tensor=FLAGS.tensor, file_dtype=FLAGS.file_dtype, model_dir=FLAGS.model_dir,
-                 timeout=FLAGS.timeout)
+                 timeout=FLAGS.timeout, steps=FLAGS.steps)
   print(result.table())
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

@@ -109,10 +109,11 @@ def load_model(c, tokenizer, mesh):
     return _load_checkpoint_model(c, tokenizer, mesh, runtime)
   if c.model.hf_path:
     image_id = functional_tokens.token_id(tokenizer, "<|image_pad|>")
-    config, params = load_hf_sharded(c.model.hf_path, mesh, runtime)
-    if image_id != config.image_token_id:
+    expected = model_config_lib.from_hf_dir(c.model.hf_path).image_token_id
+    if image_id != expected:  # before any tensor is read
       raise ValueError(f"tokenizer's <|image_pad|> id {image_id} differs from config.json's "
-                       f"image_token_id {config.image_token_id}")
+                       f"image_token_id {expected}")
+    config, params = load_hf_sharded(c.model.hf_path, mesh, runtime)
   else:
     config = functional_tokens.fit_to_tokenizer(from_size(c.model.size, **runtime), tokenizer)
     shardings = param_shardings(mesh, config)
