@@ -118,8 +118,8 @@ def _new_rows(matrix, owned, mode: str, new_tokens, tokenizer):
   return jnp.stack(rows)
 
 
-def _grown(refit, matrix, transposed: bool):
-  """refit(matrix as [V, D]) -> [V', D] (the LM head [D, V] is transposed around it).
+def _grown(refit, matrix, axis: int):
+  """refit(matrix, axis, gathered): the matrix with its vocab `axis` grown.
 
   A jax.Array with a NamedSharding grows born sharded: one jitted program whose output
   keeps the input's partition spec. Inside it, the new rows are computed from the matrix
@@ -127,17 +127,16 @@ def _grown(refit, matrix, transposed: bool):
   so the rows are bitwise those a single device computes. Host arrays grow on the default
   device, as before.
   """
-  orient = (lambda m: m.T) if transposed else (lambda m: m)
   sharding = getattr(matrix, "sharding", None)
   if not isinstance(sharding, NamedSharding):
-    return orient(refit(orient(matrix), lambda m: m))
-  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-  column_axes = spec[0] if transposed else spec[1]
-  by_column = NamedSharding(sharding.mesh, PartitionSpec(None, column_axes))
+    return refit(matrix, axis, lambda m: m)
+  spec = list(tuple(sharding.spec) + (None,) * (2 - len(sharding.spec)))
+  columns = list(spec)
+  columns[axis] = None
+  by_column = NamedSharding(sharding.mesh, PartitionSpec(*columns))
   gathered = lambda m: jax.lax.with_sharding_constraint(m, by_column)
-  grow = lambda m: orient(refit(orient(m), gathered))
-  return jax.jit(grow, out_shardings=NamedSharding(sharding.mesh, PartitionSpec(*spec)))(
-      matrix)
+  return jax.jit(lambda m: refit(m, axis, gathered),
+                 out_shardings=NamedSharding(sharding.mesh, PartitionSpec(*spec)))(matrix)
 
 
 def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKENS,
@@ -184,14 +183,19 @@ def extend_vocab(tokenizer, params, config: ModelConfig, tokens=FUNCTIONAL_TOKEN
   new_rows = _round_up(needed, PAD_MULTIPLE) if needed > rows else rows
   new_ids = np.array([table.ids[t] for t in new_tokens])
 
-  def refit(matrix, gathered):  # [V, D] -> [new_rows, D]
-    init_rows = _new_rows(gathered(matrix), owned_before, init, new_tokens, tokenizer)
-    matrix = jnp.pad(jnp.asarray(matrix), ((0, new_rows - rows), (0, 0)))
-    return matrix.at[new_ids].set(init_rows.astype(matrix.dtype))
+  def refit(matrix, axis: int, gathered):  # the vocab axis of [V, D] / [D, V] grows
+    init_rows = _new_rows(gathered(matrix) if axis == 0 else gathered(matrix).T,
+                          owned_before, init, new_tokens, tokenizer)  # [n, D]
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, new_rows - rows)
+    matrix = jnp.pad(jnp.asarray(matrix), pad)
+    if axis == 0:
+      return matrix.at[new_ids].set(init_rows.astype(matrix.dtype))
+    return matrix.at[:, new_ids].set(init_rows.T.astype(matrix.dtype))
 
   params = dict(params)
-  params["embed"] = {"embedding": _grown(refit, params["embed"]["embedding"], False)}
+  params["embed"] = {"embedding": _grown(refit, params["embed"]["embedding"], 0)}
   if "lm_head" in params:
-    params["lm_head"] = {"kernel": _grown(refit, params["lm_head"]["kernel"], True)}
+    params["lm_head"] = {"kernel": _grown(refit, params["lm_head"]["kernel"], 1)}
   config = config.replace_text(vocab_size=new_rows)
   return params, config, table
