@@ -200,6 +200,17 @@ class SafetensorsDir:
                        f"{sorted(_ST_DTYPES)}")
     return np.dtype(_ST_DTYPES[meta["dtype"]])
 
+  def check(self, key: str) -> None:
+    """A known dtype, and data the header's shape fills, inside the file (a truncated or
+    inconsistent file stops here, before any tensor is read)."""
+    file, meta, base = self.entries[key]
+    start, end = meta["data_offsets"]
+    want = int(np.prod(meta["shape"])) * self.dtype(key).itemsize
+    if end - start != want or base + end > os.path.getsize(file):
+      raise ValueError(f"{file}: tensor {key!r} ({meta['dtype']} {meta['shape']}) needs "
+                       f"{want} bytes at offsets {start}..{end} of a {os.path.getsize(file)}"
+                       "-byte file; the file is truncated or its header inconsistent")
+
   def get(self, key: str) -> np.ndarray:
     """The whole tensor, memory-mapped (read lazily; export tests and tools)."""
     file, meta, base = self.entries[key]
@@ -383,7 +394,7 @@ def load(path: str, dtype=jnp.float32, *, shardings=None, **runtime):
     if found != shape:
       raise ValueError(f"{path}: tensor {keys[key]!r} has shape {found}; expected {shape} "
                        "from config.json")
-    reader.dtype(keys[key])
+    reader.check(keys[key])
 
   np_dtype = np.dtype(dtype)
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

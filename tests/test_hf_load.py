@@ -236,3 +236,12 @@ def run_8_devices(script: str) -> str:
                         env=env, timeout=300, cwd=root)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
+
+
+def test_truncated_file_stops_before_any_tensor_is_read(saved, tmp_path):
+  path = _rewrite(saved, str(tmp_path / "cut"), lambda t: t)
+  weights = os.path.join(path, "model.safetensors")
+  with open(weights, "r+b") as f:
+    f.truncate(os.path.getsize(weights) - 100)
+  with pytest.raises(ValueError, match=r"the file is truncated or its header inconsistent"):
+    hf.load(path)
