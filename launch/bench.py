@@ -4,6 +4,8 @@ and the same batch: greedy rollout, SFT step and LA-GRPO update.
   python -m launch.bench                       # the small and the wide model
   python -m launch.bench --models=small --batch=8 --prompt_text=48 --new_tokens=64
   python -m launch.bench --decode_lengths=128,512,1024,2048   # decode ms/token vs cache
+  python -m launch.bench --models=small --steps=rl-shared --batch=1 --group_size=8 \
+      --image_side=40 --new_tokens=64   # image-heavy RL: shared prompt vs not (bench_rl)
 
 Each model is built by transformers with random weights and saved in HF layout
 (`atlas_jax.random_checkpoint`), then loaded by `atlas_jax.hf.load`; both sides run on that
@@ -58,7 +60,7 @@ from atlas_jax.run import optimizer as optimizer_lib
 from atlas_jax.run import setup
 from atlas_jax.run.state import TrainState
 from atlas_jax.sft.update import sft_step_fn
-from launch import cli
+from launch import bench_rl, cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["small", "wide"], "Model sizes from MODELS.")
@@ -67,7 +69,10 @@ flags.DEFINE_integer("prompt_text", 48, "Text tokens per prompt (plus the image'
 flags.DEFINE_integer("image_side", 8, "Image side in patches (14 px); tokens = side^2 / 4.")
 flags.DEFINE_integer("new_tokens", 64, "Greedy tokens generated per row (no early stop).")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (the median is reported).")
-flags.DEFINE_list("steps", ["rollout", "sft", "la-grpo"], "What to time.")
+flags.DEFINE_list("steps", ["rollout", "sft", "la-grpo"], "What to time (also: rl-shared, "
+                  "the image-heavy RL rows of launch/bench_rl.py: --batch prompts, "
+                  "--group_size completions each).")
+flags.DEFINE_integer("group_size", 8, "rl-shared: completions per prompt (G).")
 flags.DEFINE_list("decode_lengths", [], "Also time atlas_jax decode ms/token at these cache "
                   "lengths (prompt + new tokens), e.g. 128,512,2048.")
 flags.DEFINE_string("attention_impl", "xla", "atlas_jax model.attention_impl (auto: by "
@@ -400,6 +405,13 @@ def bench_model(name: str, spec: dict, peak: float, peak_torch: float, out_dir: 
     rows.append(Row(name, "LA-GRPO update (tok/s)", b * t_full / hf_rl_t, b * t_full / t,
                     hf_rl_first, compile_s, 1.2, rl_flops / t / 1e9 / peak,
                     rl_flops / hf_rl_t / 1e9 / peak_torch))
+  if "rl-shared" in FLAGS.steps:
+    seconds = bench_rl.measure(model, config, params, c, mesh, optimizer, state_sh, batch,
+                               group_size=FLAGS.group_size, new_tokens=n,
+                               repeats=FLAGS.repeats, device=FLAGS.torch_device,
+                               autocast=_autocast, sync=_sync)
+    drifts = bench_rl.drift(config, params, c, batch, FLAGS.group_size, n)
+    print(bench_rl.format_rows(name, batch, FLAGS.group_size, n, seconds, drifts), flush=True)
   if FLAGS.decode_lengths:
     decode_vs_length(config, params, batch, [int(s) for s in FLAGS.decode_lengths])
   return rows

@@ -407,3 +407,58 @@ def test_sharded_over_a_mesh_equals_one_device():
   for name, r in report.items():
     for key in ("loss", "metrics", "grads", "micro_logps"):
       assert r[key] < TOL, (name, key, r[key])
+
+
+@pytest.mark.parametrize("impl", ["splash", "cudnn"])
+def test_kernel_forms_equal_the_einsums(impl, monkeypatch):
+  """attention.shared_prefix_kernel (the prompt's K/V repeated per completion, one kernel
+  call per row) against attention.shared_prefix (the einsums), values and gradients, on
+  left-padded prompts and ragged completions. splash runs in Pallas interpret mode here;
+  cudnn's layout and dense mask go through jax.nn.dot_product_attention's XLA
+  implementation (the same call; cuDNN itself needs a GPU)."""
+  from atlas_jax.model import attention as attention_lib
+  from atlas_jax.model import vlm
+  if impl == "cudnn":
+    monkeypatch.setattr(attention_lib, "_cudnn", functools.partial(
+        attention_lib._cudnn, implementation="xla"))
+  rng = np.random.default_rng(0)
+  b, c, p, t, kv, g, h = 2, 3, 20, 12, 2, 2, 16
+  r = b * c
+  normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  q, k, v = normal(r, t, kv * g, h), normal(r, t, kv, h), normal(r, t, kv, h)
+  pk, pv = normal(b, p, kv, h), normal(b, p, kv, h)
+  prefix_keys = jnp.asarray(np.arange(p)[None] >= np.array([[0], [7]]))  # left padding
+  lengths = rng.integers(2, t + 1, r)
+  own = jnp.asarray((np.arange(t)[None] < lengths[:, None]).astype(np.int32))
+  mask = vlm.text_mask(own)
+  real = np.asarray(own, np.float32)[:, :, None, None]
+  weights = normal(r, t, kv * g, h)
+
+  def loss(fn, *xs):
+    return jnp.sum(fn(*xs) * weights * real)
+
+  einsum = lambda *xs: attention_lib.shared_prefix(*xs, prefix_keys, mask.dense)
+  kernel = lambda *xs: attention_lib.shared_prefix_kernel(*xs, prefix_keys, mask, impl)
+  args = (q, pk, pv, k, v)
+  want = np.asarray(einsum(*args)) * real
+  got = np.asarray(kernel(*args)) * real
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+  g_want = jax.grad(functools.partial(loss, einsum), argnums=range(5))(*args)
+  g_got = jax.grad(functools.partial(loss, kernel), argnums=range(5))(*args)
+  for a, w in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(w), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_splash_model_logps_equal_the_unshared_einsums():
+  """The whole grouped pass with model.attention_impl "splash" (prompts, completions and
+  the vision tower on the kernels, Pallas interpret mode here) against the unshared rows
+  on the einsums, at every real completion token."""
+  flat, grouped = _both(4)
+  splash = CONFIG.replace(attention_impl="splash")
+  got, _ = jax.jit(functools.partial(shared_prefix.token_logps, splash, chunk=CHUNK))(
+      _params(), grouped)
+  want, _ = _logps(flat)
+  real = grouped["completion_mask"] > 0  # padding rows differ on the kernels (ignored)
+  np.testing.assert_allclose(np.asarray(got)[real], _window(flat)(want)[real], atol=TOL,
+                             rtol=0)

@@ -249,3 +249,66 @@ def shared_prefix(q: Array, prefix_k: Array, prefix_v: Array, k: Array, v: Array
   blocks = lambda x: jnp.moveaxis(x.reshape(b, c, m, chunk, *x.shape[3:]), 2, 0)
   out = _map_chunks(jax.checkpoint(block), (blocks(qg), blocks(mg)), unroll)  # [m, B, C, ..]
   return jnp.moveaxis(out, 0, 2).reshape(r, t, n, h)
+
+
+def _splash_offset_kernel(groups: int, tq: int, tk: int, offset: int, interpret: bool,
+                          block_q: int, block_kv: int):
+  """A causal splash kernel whose queries start `offset` keys in (query i sees keys
+  j <= i + offset), built afresh in each trace as `_splash_kernel`."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  one = splash.CausalMask((tq, tk), offset=offset)
+  sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                            block_q_dkv=block_q, block_kv_dkv=block_kv,
+                            block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                            block_kv_dq=block_kv)
+  return splash.make_splash_mqa_single_device(
+      splash.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret)
+
+
+def shared_prefix_kernel(q: Array, prefix_k: Array, prefix_v: Array, k: Array, v: Array,
+                         prefix_keys: Array, mask: Mask, impl: str, *,
+                         interpret: bool | None = None):
+  """`shared_prefix` on a kernel ("splash" or "cudnn"): each completion's keys and values
+  laid out as its unshared row holds them, [its prompt's ; its own] (the prompt's repeated
+  per completion: [R, P, K, H] per layer, small next to the activations; the gradient
+  sums back over the repeats), in one kernel call per row.
+
+  Letters and shapes as `shared_prefix`; mask: the completions' `Mask` (segment_ids their
+  attention mask int[R, T], causal). splash: a causal mask offset by P (query i sees the P
+  prompt keys and own keys j <= i) and segment ids (the prompt's real keys and the real
+  completion tokens share segment 1), q and kv padded to the kernel's tiling; cudnn: the
+  dense mask [prompt keys ; own mask]."""
+  r, t, n, h = q.shape
+  b, p, kv = prefix_k.shape[:3]
+  c, g = r // b, n // kv
+  rep = lambda x: jnp.repeat(x, c, axis=0)
+  keys = jnp.concatenate([rep(prefix_k), k], axis=1)  # [R, P + S, K, H]
+  values = jnp.concatenate([rep(prefix_v), v], axis=1)
+  if impl == "cudnn":
+    dense = jnp.concatenate([jnp.broadcast_to(rep(prefix_keys)[:, None], (r, t, p)),
+                             mask.dense], axis=2)
+    return _cudnn(q, keys, values, dense)
+  if impl != "splash":
+    raise ValueError(f"shared_prefix_kernel takes 'splash' or 'cudnn', not {impl!r}")
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+  tq, block_q = splash_blocks(t)
+  # Keys padded past P + tq: every padding query i then sees its own padding key P + i.
+  tk, block_kv = splash_blocks(p + tq)
+  kernel = _splash_offset_kernel(g, tq, tk, p, interpret, block_q, block_kv)
+  low = jnp.iinfo(jnp.int32).min
+  own = mask.segment_ids.astype(jnp.int32)
+  q_seg = jnp.pad(own, ((0, 0), (0, tq - t)), constant_values=low)
+  kv_seg = jnp.pad(jnp.concatenate([rep(prefix_keys.astype(jnp.int32)), own], axis=1),
+                   ((0, 0), (0, tk - p - t)), constant_values=low)
+  q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(r, t, kv, g, h)
+  q = jnp.transpose(jnp.pad(q, [(0, 0), (0, tq - t)] + [(0, 0)] * 3), (0, 2, 3, 1, 4))
+  pad_kv = lambda x: jnp.swapaxes(jnp.pad(x, [(0, 0), (0, tk - p - t), (0, 0), (0, 0)]), 1, 2)
+  keys, values = pad_kv(keys), pad_kv(values)  # [R, K, tk, H]
+
+  def one_row(qb, kb, vb, qs, ks):  # [K, G, tq, H], [K, tk, H], [K, tk, H], [tq], [tk]
+    ids = splash.SegmentIds(q=qs, kv=ks)
+    return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qb, kb, vb)
+
+  out = jax.vmap(one_row)(q, keys, values, q_seg, kv_seg)[:, :, :, :t]  # [R, K, G, T, H]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(r, t, n, h).astype(v.dtype)

@@ -160,7 +160,9 @@ class SharedPrefixLayer(nn.Module):
   def __call__(self, carry, prompt_rope, completion_rope, prompt_mask, completion_mask):
     """carry: (prompts float[B, T, D], completions float[R, N, D]); *_rope: (cos, sin)
     float32[B, T, H] / [R, N, H]; prompt_mask: the prompts' `attention.Mask` (segment ids:
-    their attention mask); completion_mask: bool[R, N, N], causal and not padding."""
+    their attention mask); completion_mask: the completions' `attention.Mask` (causal,
+    segment ids: their attention mask). "splash" and "cudnn" run the prompts' attention and
+    the completions' (`attention.shared_prefix_kernel`) on the kernel; "xla" the einsums."""
     xp, xc = carry
     cfg = self.config
     n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -185,9 +187,14 @@ class SharedPrefixLayer(nn.Module):
     qc, kc, vc = qkv(xc, completion_rope)
     attn_p = attention_lib.attention(qp, kp, vp, prompt_mask, chunk=self.attention_chunk,
                                      impl=self.attention_impl, unroll=self.unroll)
-    attn_c = attention_lib.shared_prefix(qc, kp, vp, kc, vc, prompt_mask.segment_ids > 0,
-                                         completion_mask, self.attention_chunk,
-                                         unroll=self.unroll)
+    prefix_keys = prompt_mask.segment_ids > 0
+    if self.attention_impl in ("splash", "cudnn"):
+      attn_c = attention_lib.shared_prefix_kernel(qc, kp, vp, kc, vc, prefix_keys,
+                                                  completion_mask, self.attention_impl)
+    else:
+      attn_c = attention_lib.shared_prefix(qc, kp, vp, kc, vc, prefix_keys,
+                                           completion_mask.dense, self.attention_chunk,
+                                           unroll=self.unroll)
     axes = ("activation_batch", "activation_length", "activation_embed")
 
     def rest(x, attn):

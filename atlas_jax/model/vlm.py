@@ -134,7 +134,7 @@ def shared_prefix_hidden(config: ModelConfig, params, prompt_ids, prompt_positio
                                       method=Qwen25VL.decoder_inputs)
   xp, cos_p, sin_p = apply(prompt_ids, prompt_positions, pixel_values, image_grid_thw)
   xc, cos_c, sin_c = apply(completion_ids, completion_positions)
-  own = causal_mask(completion_mask)
+  own = text_mask(completion_mask)
   decoder = SharedPrefixDecoder(config.text, layers.dtype_of(config.dtype), config.remat,
                                 config.attention_chunk, config.attention_impl,
                                 config.unroll_loops)
