@@ -7,16 +7,17 @@ Face model and takes its first steps, against what it must hold.
 
 A random Qwen2.5-VL of the chosen shape is written in HF layout (`atlas_jax.random_checkpoint`,
 with the tiny tokenizer; cached under --model_dir), then N jax.distributed CPU processes of D
-devices each (mesh fsdp x tensor over all N*D; the settings every recipe takes at a published
-size, `config.at_published_size`: bfloat16 compute, full remat, float32 Adam moments) run,
-as `launch.train` and `launch.evaluate` do, `run.setup.load_model` on it, one evaluation batch (the sampler's prefill and decode)
-and one compiled SFT step (`sft.update.sft_step_fn` on the state `setup.create_state`
-builds). Phases, in order:
+devices each (mesh fsdp x tensor over all N*D; the settings every recipe takes at a
+published size, `config.at_published_size`: bfloat16 compute, full remat, float32 Adam
+moments) run, as `launch.train` and `launch.evaluate` do, `run.setup.load_model` on it, one
+evaluation batch (the sampler's prefill and decode) and one compiled SFT step
+(`sft.update.sft_step_fn` on the state `setup.create_state` builds). Phases, in order:
 
   read                    `hf.load` (the safetensors reads and, where it places them, the
                           placement of what it read)
-  placement               the rest of `setup.load_model` (shardings, any device_put)
-  vocabulary extension    `functional_tokens.extend_vocab` (the five functional tokens)
+  placement               `setup.load_model` before the extension (config, shardings)
+  vocabulary extension    `functional_tokens.extend_vocab` (the five functional tokens) and
+                          the rest of `setup.load_model` (its device_put to the shardings)
   first evaluation batch  the sampler's compile and one greedy batch
   first SFT step          the optimizer state, the step's compile and one step
 
