@@ -17,10 +17,17 @@ uniform over the colours (so over A-D) in every family.
 Seeing which two colours are present is half of every question; the other half is the
 comparison the functional token names. Sized so that the demo's tiny model learns it on a
 CPU in minutes.
+
+`generate_suite`'s style options (`SuiteStyle`) make a sparse-token variant for the
+ablation (atlas_jax/ablate.py): only a share of the trajectories keep a functional token
+(some of them another family's), and filler sentences lengthen every trajectory. They draw
+from their own generator, so the images and answers are those of the plain suite, and the
+default style writes the plain suite byte for byte.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 
@@ -28,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from atlas_jax.data import schema
+from atlas_jax.functional_tokens import TASK_TOKENS
 
 LETTERS = "ABCD"
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 160, 60),
@@ -156,22 +164,81 @@ def generate(family: str, rng: np.random.Generator):
   return FAMILIES[family](rng)
 
 
+# Filler sentences of the sparse style: true of every picture, committing to no answer.
+FILLER = ("Let me focus on the picture.", "Which option is correct?",
+          "I will compare each option with the picture.", "Each option is a colour.",
+          "Then I check the colour of each object.", "Now I look at the question again.",
+          "The answer is one of the four options.", "First I read the options.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteStyle:
+  """How trajectories are written (the default: every one with its family's token).
+
+  token_rate: share of trajectories that keep a functional-token line (the others go
+    from the operation sentence straight to the fact).
+  wrong_token_rate: share of those whose token is another family's.
+  filler_sentences: sentences from `FILLER` added to every trajectory, the same ones to
+    every trajectory of a family (text the model can learn, as most of a real trajectory
+    is), the first half (rounded up) before the operation sentence, the rest after the
+    fact. Measured: with fillers drawn at random per trajectory, the demo's SFT stage ended
+    at chance (0.28 held-out accuracy), their irreducible loss drowning the image's.
+  """
+
+  token_rate: float = 1.0
+  wrong_token_rate: float = 0.0
+  filler_sentences: int = 0
+
+  def __post_init__(self):
+    for name in ("token_rate", "wrong_token_rate"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"SuiteStyle.{name} {getattr(self, name)!r} must be in [0, 1]")
+    if self.filler_sentences < 0:
+      raise ValueError(f"SuiteStyle.filler_sentences {self.filler_sentences!r} must be >= 0")
+
+  @property
+  def plain(self) -> bool:
+    return self == SuiteStyle()
+
+
+def restyle(record: dict, style: SuiteStyle, rng: np.random.Generator) -> dict:
+  """The record with its trajectory rewritten in `style` (drawn from `rng`)."""
+  sentence, token, fact = record["trajectory"].split("\n")
+  fact, answer = fact.split(" Therefore ")
+  keep = rng.random() < style.token_rate
+  if keep and rng.random() < style.wrong_token_rate:
+    others = [t for t in TASK_TOKENS.values() if t != token]
+    token = others[int(rng.integers(len(others)))]
+  family = list(FAMILIES).index(record["task"])
+  filler = [FILLER[(family * style.filler_sentences + j) % len(FILLER)]
+            for j in range(style.filler_sentences)]
+  half = (len(filler) + 1) // 2
+  lines = [" ".join(filler[:half] + [sentence])] + ([token] if keep else [])
+  lines.append(" ".join([fact] + filler[half:] + ["Therefore " + answer]))
+  return dict(record, trajectory="\n".join(lines))
+
+
 def _rng(seed: int, family: str, split: str) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence(
       [seed, zlib.crc32(family.encode()), zlib.crc32(split.encode())]))
 
 
 def generate_suite(out_dir: str, *, n_per_family: int, seed: int, families=None,
-                   split: str = "train") -> str:
+                   split: str = "train", style: SuiteStyle = SuiteStyle()) -> str:
   """Writes `<out_dir>/<split>.jsonl` and its PNGs under `<out_dir>/images/`; returns the
-  JSONL path. Families are interleaved; the same arguments give identical bytes."""
+  JSONL path. Families are interleaved; the same arguments give identical bytes. A style
+  other than the default rewrites the trajectories (`restyle`, from a generator of its own:
+  images and answers stay those of the default style)."""
   families = list(families or FAMILIES)
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   rngs = {f: _rng(seed, f, split) for f in families}
+  style_rngs = {f: _rng(seed, f, split + "/style") for f in families}
   records = []
   for i in range(n_per_family):
     for family in families:
       img, fields, _ = generate(family, rngs[family])
+      if not style.plain:
+        fields = restyle(fields, style, style_rngs[family])
       rid = f"{family}-{split}-s{seed}-{i:06d}"
       rel = os.path.join("images", rid + ".png")
       img.save(os.path.join(out_dir, rel), format="PNG")
