@@ -1,26 +1,36 @@
 """GRPO against LA-GRPO from one SFT checkpoint, over several seeds (configs/ablate.py).
 
-One SFT run (the demo's SFT stage), then for every seed in `ablate.seeds` and every name in
-`ablate.variants` an RL run from that checkpoint (the demo's RL stage):
+One SFT run (the demo's SFT stage), then for every seed in `ablate.seeds` and every row (a
+name in `ablate.variants`, and for the LA-GRPO ones every alpha in `ablate.alphas`) an RL
+run from that checkpoint (the demo's RL stage):
 
-  grpo             alpha = 0 (plain GRPO)
-  la_grpo_pg       alpha = ablate.alpha, anchor pg (the advantage-weighted surrogate)
-  la_grpo_nll_pos  alpha = ablate.alpha, anchor nll_pos (-log pi in positive-advantage rows)
+  grpo                  alpha = 0 (plain GRPO)
+  la_grpo_pg_a<alpha>   anchor pg (the advantage-weighted surrogate)
+  la_grpo_nll_pos_a<a>  anchor nll_pos (-log pi in positive-advantage rows)
 
 A seed sets config.seed of the RL run only (rollout sampling and prompt order); every run
 starts from the same SFT params and draws from the same prompt set, and the held-out split
-is the same for all. Each run has its own sub-directory (<workdir>/sft,
-<workdir>/rl/<variant>/seed<k>) and resumes from it; a run whose result.json is written is
-finished and skipped on a rerun. Results, mean ± sample std across seeds:
+is the same for all. `ablate.suite` other than the default writes the synthetic suite in
+that style (data.synthetic.SuiteStyle: the sparse regime) under <workdir>/suite and trains
+on it. Each run has its own sub-directory (<workdir>/sft, <workdir>/rl/<row>/seed<k>) and
+resumes from it; a run whose result.json is written is finished and skipped on a rerun.
+
+Functional tokens are counted, and their correctness judged, by the token the task family
+needs (functional_tokens.TASK_TOKENS): while the ablation runs, one more reward component,
+`functional_correct` (the completion's uses of its task's token; weight 0, so the reward is
+unchanged), is registered (rewards.register), so that the held-out evaluation and every RL
+step report it next to functional_per_completion. Results, mean ± sample std across seeds:
 
   ablation.json   every run's held-out evaluation and training curves, and the summary
   ablation.txt    the table (columns: `COLUMNS`)
-  ablation.png    held-out accuracy and reward per variant; dilution ratio, reward and
-                  functional tokens per completion over RL training
+  ablation.png    held-out accuracy and reward per row; dilution ratio, reward, functional
+                  tokens and right ones per completion over RL training; with several
+                  alphas, the figures against alpha
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +42,7 @@ import numpy as np
 from atlas_jax import config as config_lib
 from atlas_jax import demo
 from atlas_jax.config import VARIANTS
+from atlas_jax.data import synthetic
 from atlas_jax.rl import loop as rl_loop
 from atlas_jax.rl import rewards as rewards_lib
 from atlas_jax.run import plots
@@ -39,36 +50,105 @@ from atlas_jax.run.steps import StepCache
 from atlas_jax.sft import loop as sft_loop
 
 _ANCHORS = {"grpo": "pg", "la_grpo_pg": "pg", "la_grpo_nll_pos": "nll_pos"}
+CORRECT = "functional_correct"  # the reward component registered while the ablation runs
 # Reward components in the table: every registered reward except accuracy (its own column).
-COMPONENTS = tuple(sorted(k for k in rewards_lib.REWARDS if k != "accuracy"))
-# (key in the summary, table heading). Held-out evaluation, then RL training curves.
+COMPONENTS = tuple(sorted(k for k in rewards_lib.REWARDS if k not in ("accuracy", CORRECT)))
+# (key in the summary, table heading). Held-out evaluation (greedy), then figures of the RL
+# rollouts (sampled): step 1 (still the SFT params), the last step, the whole run.
 COLUMNS = (("accuracy", "accuracy"), ("reward", "reward"),
            *((k, k) for k in COMPONENTS),
-           ("functional_per_completion", "func tok/compl"),
+           ("functional_per_completion", "func/compl"), ("functional_right_share", "func right"),
+           ("train_functional_first", "train func@1"), ("train_functional_last", "train func@end"),
+           ("train_right_share", "train right"),
            ("dilution_ratio_mean", "dilution mean"), ("dilution_ratio_final", "dilution final"))
-_CURVES = ("dilution_ratio", "reward", "functional_per_completion")
+_CURVES = ("dilution_ratio", "reward", "functional_per_completion", f"reward_{CORRECT}")
+
+
+def correct_token_uses(completion: str, sample, cfg) -> float:
+  """The reward component `functional_correct`: how often the completion uses the token its
+  task needs (sample.expected_tokens; any functional token when it expects none)."""
+  tokens = tuple(sample.expected_tokens or cfg.functional_tokens)
+  return float(sum(completion.count(t) for t in tokens))
+
+
+@contextlib.contextmanager
+def counting_correct_tokens():
+  """`functional_correct` registered as a reward component (weight 0) inside the block."""
+  before = rewards_lib.REWARDS.get(CORRECT)
+  rewards_lib.register(CORRECT)(correct_token_uses)
+  try:
+    yield
+  finally:
+    if before is None:
+      del rewards_lib.REWARDS[CORRECT]
+    else:
+      rewards_lib.REWARDS[CORRECT] = before
 
 
 def variant_settings(name: str, alpha: float) -> dict:
-  """{"alpha", "anchor"} of a variant name (one of VARIANTS)."""
+  """{"alpha", "anchor"} of a variant name (one of VARIANTS) at an LA-GRPO alpha."""
   if name not in VARIANTS:
     raise ValueError(f"config.ablate.variants has {name!r}; expected names from {VARIANTS}")
   return {"alpha": 0.0 if name == "grpo" else float(alpha), "anchor": _ANCHORS[name]}
 
 
-def run_dir(workdir: str, variant: str, seed: int) -> str:
-  return os.path.join(workdir, "rl", variant, f"seed{seed}")
+def row_name(variant: str, alpha: float) -> str:
+  return variant if variant == "grpo" else f"{variant}_a{alpha:g}"
 
 
-def rl_run_config(c, workdir: str, variant: str, seed: int):
-  """The RL stage config of one run: the demo's RL stage from <workdir>/sft, with the
-  variant's alpha and anchor and config.seed = seed."""
+def rows(c) -> dict[str, dict]:
+  """{row name: {"variant", "alpha", "anchor"}}: grpo once, each LA-GRPO variant at every
+  alpha in ablate.alphas, in config order."""
+  out = {}
+  for variant in c.ablate.variants:
+    for alpha in (0.0,) if variant == "grpo" else c.ablate.alphas:
+      out[row_name(variant, alpha)] = dict(variant=variant, **variant_settings(variant, alpha))
+  return out
+
+
+def run_dir(workdir: str, row: str, seed: int) -> str:
+  return os.path.join(workdir, "rl", row, f"seed{seed}")
+
+
+def suite_style(c) -> synthetic.SuiteStyle:
+  s = c.ablate.suite
+  return synthetic.SuiteStyle(token_rate=float(s.token_rate),
+                              wrong_token_rate=float(s.wrong_token_rate),
+                              filler_sentences=int(s.filler_sentences))
+
+
+def with_suite(c, workdir: str):
+  """c itself for the default suite style; otherwise a copy training on the suite written
+  in ablate.suite's style under <workdir>/suite (sizes and seeds as the default suite's:
+  data.synthetic_*; written once, again when those change)."""
+  style = suite_style(c)
+  if style.plain:
+    return c
+  out = os.path.join(workdir, "suite")
+  spec = dict(style=vars(style), per_family=c.data.synthetic_per_family,
+              test_per_family=c.data.synthetic_test_per_family, seed=c.data.synthetic_seed)
+  paths = {split: os.path.join(out, f"{split}.jsonl") for split in ("train", "test")}
+  if _read_json(os.path.join(out, "suite.json")) != spec or not all(
+      map(os.path.isfile, paths.values())):
+    for split, n, seed in (("train", spec["per_family"], spec["seed"]),
+                           ("test", spec["test_per_family"], spec["seed"] + 1)):
+      synthetic.generate_suite(out, n_per_family=n, seed=seed, split=split, style=style)
+    _write_json(os.path.join(out, "suite.json"), spec)
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.train_jsonl, c.data.test_jsonl = paths["train"], paths["test"]
+    c.data.format = "atlas"
+  return c
+
+
+def rl_run_config(c, workdir: str, row: dict, seed: int):
+  """The RL stage config of one run: the demo's RL stage from <workdir>/sft, with the row's
+  alpha and anchor and config.seed = seed."""
   s = demo.stage_config(c, "rl", workdir)
-  settings = variant_settings(variant, c.ablate.alpha)
   with s.unlocked():
     s.seed = seed
-    s.rl.alpha = settings["alpha"]
-    s.rl.anchor = settings["anchor"]
+    s.rl.alpha = row["alpha"]
+    s.rl.anchor = row["anchor"]
   return s
 
 
@@ -95,7 +175,7 @@ def _check_same(path: str, recorded: dict, expected: dict) -> None:
 def _settings(s, **extra) -> dict:
   """What identifies a stage run (a finished run with other settings is an error)."""
   return dict(seed=s.seed, steps=s.train.steps, lr=s.optim.lr, alpha=s.rl.alpha,
-              anchor=s.rl.anchor, **extra)
+              anchor=s.rl.anchor, suite=dict(s.ablate.suite), **extra)
 
 
 def _run_sft(c, workdir: str, cache: StepCache) -> dict:
@@ -113,8 +193,10 @@ def _run_sft(c, workdir: str, cache: StepCache) -> dict:
   state, _, run = sft_loop.train_sft(s, out, cache=cache)
   result = {"settings": settings, "eval": rl_loop.evaluate_held_out(run, state.params, c),
             "seconds": time.time() - t0}
-  print(f"[ablate] SFT: held-out accuracy {result['eval']['accuracy']:.3f} "
-        f"({result['seconds']:.0f}s)", flush=True)
+  e = result["eval"]
+  print(f"[ablate] SFT: held-out accuracy {e['accuracy']:.3f}, functional tokens per "
+        f"completion {e['functional_per_completion']:.3f}, right ones "
+        f"{e.get(CORRECT, math.nan):.3f} ({result['seconds']:.0f}s)", flush=True)
   _write_json(path, result)
   return result
 
@@ -125,30 +207,53 @@ def _curves(directory: str) -> dict:
   return {k: list(series[f"rl/{k}"]) for k in _CURVES if f"rl/{k}" in series}
 
 
-def _run_rl(c, workdir: str, variant: str, seed: int, label: str, cache: StepCache) -> dict:
-  out = run_dir(workdir, variant, seed)
-  s = rl_run_config(c, workdir, variant, seed)
+def _ratio(numerator: float, denominator: float) -> float:
+  return numerator / denominator if denominator > 0 else math.nan
+
+
+def run_figures(evaluation: dict, curves: dict) -> dict:
+  """The table's figures of one RL run beyond its held-out evaluation: the right tokens'
+  share of the functional tokens (held out; over the RL rollouts, all steps pooled),
+  functional tokens per completion at step 1 and at the last step, and the dilution
+  ratio's mean and last value."""
+  func = curves.get("functional_per_completion", ([], []))[1]
+  right = curves.get(f"reward_{CORRECT}", ([], []))[1]
+  dilution = curves.get("dilution_ratio", ([], []))[1]
+  last = lambda xs: float(xs[-1]) if xs else math.nan
+  return {"functional_right_share": _ratio(evaluation.get(CORRECT, math.nan),
+                                           evaluation.get("functional_per_completion", 0.0)),
+          "train_functional_first": float(func[0]) if func else math.nan,
+          "train_functional_last": last(func),
+          "train_right_share": _ratio(float(np.sum(right)), float(np.sum(func))),
+          "dilution_ratio_mean": float(np.mean(dilution)) if dilution else math.nan,
+          "dilution_ratio_final": last(dilution)}
+
+
+def _run_rl(c, workdir: str, name: str, row: dict, seed: int, label: str,
+            cache: StepCache) -> dict:
+  out = run_dir(workdir, name, seed)
+  s = rl_run_config(c, workdir, row, seed)
   path = os.path.join(out, "result.json")
-  settings = _settings(s, variant=variant)
+  settings = _settings(s, variant=row["variant"])
   done = _read_json(path)
   if done is not None:
     _check_same(path, done["settings"], settings)
     print(f"[ablate] {label}: finished earlier ({path}), skipped", flush=True)
     return done
-  print(f"[ablate] {label}: RL {variant} (alpha {s.rl.alpha:g}, anchor {s.rl.anchor}) seed "
-        f"{seed}, {s.train.steps} steps -> {out}", flush=True)
+  print(f"[ablate] {label}: RL {row['variant']} (alpha {s.rl.alpha:g}, anchor {s.rl.anchor}) "
+        f"seed {seed}, {s.train.steps} steps -> {out}", flush=True)
   t0 = time.time()
   state, _, run = rl_loop.train_rl(s, out, cache=cache)
   evaluation = rl_loop.evaluate_held_out(run, state.params, c)
   curves = _curves(out)
-  dilution = curves.get("dilution_ratio", ([], []))[1]
   result = {"settings": settings, "eval": evaluation, "curves": curves,
-            "dilution_ratio_mean": float(np.mean(dilution)) if dilution else math.nan,
-            "dilution_ratio_final": float(dilution[-1]) if dilution else math.nan,
-            "seconds": time.time() - t0}
+            **run_figures(evaluation, curves), "seconds": time.time() - t0}
   print(f"[ablate] {label}: held-out accuracy {evaluation['accuracy']:.3f}, reward "
-        f"{evaluation['reward']:.3f}, mean dilution ratio {result['dilution_ratio_mean']:.4g} "
-        f"({result['seconds']:.0f}s)", flush=True)
+        f"{evaluation['reward']:.3f}, functional tokens per completion "
+        f"{evaluation['functional_per_completion']:.3f} (sampled: "
+        f"{result['train_functional_first']:.3f} -> {result['train_functional_last']:.3f}), "
+        f"mean dilution ratio {result['dilution_ratio_mean']:.4g} ({result['seconds']:.0f}s)",
+        flush=True)
   _write_json(path, result)
   return result
 
@@ -163,44 +268,100 @@ def _mean_std(values) -> dict:
 
 
 def _value(run: dict, key: str) -> float:
-  return run[key] if key.startswith("dilution_ratio") else run["eval"].get(key, math.nan)
+  return run[key] if key in run else run["eval"].get(key, math.nan)
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
-  """{variant: {column key: {"mean", "std", "n"}}} from each variant's run results."""
+  """{row: {column key: {"mean", "std", "n"}}} from each row's run results."""
   return {v: {k: _mean_std([_value(r, k) for r in rs]) for k, _ in COLUMNS}
           for v, rs in runs.items()}
 
 
-def ablation_table(summary: dict, sft_eval: dict, settings: dict, wall: float) -> str:
-  """The table: one row per variant (mean ± std across seeds), and the SFT start."""
-  head = f"{'variant':<17}{'alpha':>6}{'anchor':>9}{'seeds':>6}"
-  lines = [head + "".join(f"{name:>17}" for _, name in COLUMNS)]
-  fmt = lambda m, s: "n/a" if math.isnan(m) else f"{m:.4f}±{s:.4f}"
+def sft_figures(sft_eval: dict, runs: dict[str, list[dict]]) -> dict[str, dict]:
+  """The SFT start's row: its held-out evaluation, and the sampled figures of the RL runs'
+  first step (taken from the SFT params; one value per seed)."""
+  row = {k: _mean_std([sft_eval.get(k, math.nan)]) for k, _ in COLUMNS}
+  row["functional_right_share"] = _mean_std([_ratio(
+      sft_eval.get(CORRECT, math.nan), sft_eval.get("functional_per_completion", 0.0))])
+  first = {}
+  for rs in runs.values():
+    for r in rs:
+      steps, func = r["curves"].get("functional_per_completion", ([], []))
+      _, right = r["curves"].get(f"reward_{CORRECT}", ([], []))
+      if steps and steps[0] == 1 and right:
+        first.setdefault(r["settings"]["seed"], (func[0], right[0]))
+  row["train_functional_first"] = _mean_std([f for f, _ in first.values()])
+  row["train_right_share"] = _mean_std([_ratio(sum(r for _, r in first.values()),
+                                               sum(f for f, _ in first.values()))])
+  return row
+
+
+def ablation_table(summary: dict, sft_row: dict, settings: dict, wall: float) -> str:
+  """The table: one row per variant and alpha (mean ± std across seeds), and the SFT start."""
+  def fmt(c, n):
+    if math.isnan(c["mean"]):
+      return "n/a"
+    return f"{c['mean']:.3f}±{c['std']:.3f}" + (f"({c['n']})" if 0 < c["n"] < n else "")
+
+  head = f"{'variant':<22}{'alpha':>6}{'anchor':>9}{'seeds':>6}"
+  lines = [head + "".join(f"{name:>15}" for _, name in COLUMNS)]
   for v, cols in summary.items():
     st = settings[v]
     n = max(c["n"] for c in cols.values())
-    lines.append(f"{v:<17}{st['alpha']:>6g}{st['anchor']:>9}{n:>6}" + "".join(
-        f"{fmt(cols[k]['mean'], cols[k]['std']):>17}" for k, _ in COLUMNS))
-  lines.append(f"{'sft (start)':<17}{'':>6}{'':>9}{1:>6}" + "".join(
-      f"{fmt(sft_eval.get(k, math.nan), 0.0) if k in sft_eval else 'n/a':>17}"
-      for k, _ in COLUMNS))
+    lines.append(f"{v:<22}{st['alpha']:>6g}{st['anchor']:>9}{n:>6}" + "".join(
+        f"{fmt(cols[k], n):>15}" for k, _ in COLUMNS))
+  n = max(c["n"] for c in sft_row.values())
+  lines.append(f"{'sft (start)':<22}{'':>6}{'':>9}{n:>6}" + "".join(
+      f"{fmt(sft_row[k], 1):>15}" for k, _ in COLUMNS))
   lines.append("")
   lines.append("held-out evaluation (greedy) after training: accuracy, reward, its components, "
-               "func tok/compl; dilution ratio (functional / other token rows' gradient norm) "
-               "over RL training: mean over steps, last step. mean ± sample std across seeds.")
+               "functional tokens per completion (func/compl) and the share of them that is the "
+               "token the task family needs (func right). RL rollouts (sampled, 8 per prompt): "
+               "functional tokens per completion at step 1 (from the SFT params) and at the "
+               "last step, the right share over all steps; dilution ratio (functional / other "
+               "token rows' gradient norm): mean over steps, last step. mean ± sample std "
+               "across seeds (the SFT row: across the seeds' step-1 rollouts); (k): only k seeds "
+               "have a value (the others used no functional token).")
   lines.append(f"wall time of the runs (s): {wall:.1f}")
   return "\n".join(lines)
 
 
+def _plot_alphas(fig, position, result: dict) -> None:
+  """Held-out accuracy and functional tokens per completion (held out, and sampled at the
+  last RL step) against alpha, per anchor swept (grpo at alpha 0)."""
+  summary, settings = result["summary"], result["variants"]
+  swept = sorted({s["variant"] for s in settings.values() if s["variant"] != "grpo"
+                  and sum(t["variant"] == s["variant"] for t in settings.values()) > 1})
+  if not swept:
+    return
+  ax = fig.add_subplot(*position)
+  for variant in swept:
+    names = ([n for n, s in settings.items() if s["variant"] == "grpo"]
+             + sorted((n for n, s in settings.items() if s["variant"] == variant),
+                      key=lambda n: settings[n]["alpha"]))
+    alphas = [settings[n]["alpha"] for n in names]
+    xs = range(len(names))
+    for key, style in (("accuracy", "-o"), ("functional_per_completion", "--s"),
+                       ("train_functional_last", ":^")):
+      ax.errorbar(xs, [summary[n][key]["mean"] for n in names],
+                  yerr=[summary[n][key]["std"] for n in names], fmt=style, capsize=3,
+                  label=f"{_ANCHORS[variant]}: {key}")
+    ax.set_xticks(list(xs), [f"{a:g}" for a in alphas])
+  ax.set_xlabel("alpha (0: grpo)")
+  ax.set_title("alpha sweep (mean ± std across seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
 def plot_ablation(result: dict, path: str) -> str:
-  """ablation.png: held-out accuracy and reward per variant (bars, std whiskers, the SFT
-  start dashed), and dilution ratio, training reward and functional tokens per completion
-  against RL step (mean across seeds, band from the lowest to the highest seed)."""
+  """ablation.png: held-out accuracy and reward per row (bars, std whiskers, the SFT start
+  dashed); dilution ratio, training reward, functional tokens and right ones per completion
+  against RL step (mean across seeds, band from the lowest to the highest seed); with
+  several alphas for an anchor, the figures against alpha."""
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(13, 8), dpi=100, layout="constrained")
+  fig = Figure(figsize=(18, 9), dpi=100, layout="constrained")
   summary, sft_eval = result["summary"], result["sft"]["eval"]
-  ax = fig.add_subplot(2, 2, 1)
+  ax = fig.add_subplot(2, 3, 1)
   width = 0.38
   for j, (key, color) in enumerate((("accuracy", "tab:blue"), ("reward", "tab:orange"))):
     xs = [i + (j - 0.5) * width for i in range(len(summary))]
@@ -210,7 +371,7 @@ def plot_ablation(result: dict, path: str) -> str:
     ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.axhline(sft_eval.get(key, math.nan), color=color, linestyle="--", linewidth=1,
                label=f"{key}, SFT start")
-  ax.set_xticks(range(len(summary)), list(summary), fontsize=8)
+  ax.set_xticks(range(len(summary)), list(summary), fontsize=7, rotation=20)
   ax.set_ylim(top=1.3 * max([s[k]["mean"] + s[k]["std"] for s in summary.values()
                              for k in ("accuracy", "reward")] + [0.1]))
   ax.set_title("held-out accuracy and reward (mean ± std across seeds)")
@@ -218,10 +379,11 @@ def plot_ablation(result: dict, path: str) -> str:
   ax.legend(fontsize=7, ncol=2, loc="upper left")
   titles = {"dilution_ratio": "dilution ratio (functional / other row grad norm)",
             "reward": "training reward", "functional_per_completion":
-            "functional tokens per completion (training)"}
+            "functional tokens per completion (training, sampled)",
+            f"reward_{CORRECT}": "right functional tokens per completion (training, sampled)"}
   for i, name in enumerate(_CURVES):
-    ax = fig.add_subplot(2, 2, i + 2)
-    for variant, runs in result["runs"].items():
+    ax = fig.add_subplot(2, 3, i + 2)
+    for row, runs in result["runs"].items():
       curves = [r["curves"][name] for r in runs if name in r.get("curves", {})]
       if not curves:
         continue
@@ -230,7 +392,7 @@ def plot_ablation(result: dict, path: str) -> str:
         continue
       ys = np.asarray([[dict(zip(*c))[s] for s in steps] for c in curves])
       line, = ax.plot(steps, ys.mean(0), marker="." if len(steps) < 30 else None,
-                      label=variant, linewidth=1.2)
+                      label=row, linewidth=1.2)
       ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
     if name == "dilution_ratio" and ax.lines and all(
         np.all(line.get_ydata() > 0) for line in ax.lines):
@@ -240,6 +402,7 @@ def plot_ablation(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=7)
+  _plot_alphas(fig, (2, 3, 6), result)
   fig.suptitle(f"GRPO vs LA-GRPO, {len(result['seeds'])} seeds (curves: mean, band: seed "
                "range)")
   fig.savefig(path)
@@ -255,28 +418,31 @@ def use_compilation_cache(workdir: str) -> None:
 
 def run_ablation(c, workdir: str) -> dict:
   """The whole ablation (or what a previous call left unfinished). Returns what
-  ablation.json holds: seeds, variants' settings, sft, runs {variant: [per seed]}, summary,
-  table, wall_seconds (this call) and run_seconds (sum over the runs, skipped ones too)."""
+  ablation.json holds: seeds, rows' settings (variants), sft (its run and its table row),
+  runs {row: [per seed]}, summary, table, wall_seconds (this call) and run_seconds (sum over
+  the runs, skipped ones too)."""
   config_lib.validate(c)
   t0 = time.time()
   cache = StepCache()  # every variant's runs share their steps
   os.makedirs(workdir, exist_ok=True)
-  seeds, variants = tuple(c.ablate.seeds), tuple(c.ablate.variants)
-  sft = _run_sft(c, workdir, cache)
-  runs: dict[str, list[dict]] = {v: [] for v in variants}
-  total = len(seeds) * len(variants)
-  for i, seed in enumerate(seeds):
-    for j, variant in enumerate(variants):
-      label = f"run {i * len(variants) + j + 1}/{total}"
-      runs[variant].append(_run_rl(c, workdir, variant, seed, label, cache))
+  c = with_suite(c, workdir)
+  seeds, settings = tuple(c.ablate.seeds), rows(c)
+  with counting_correct_tokens():
+    sft = _run_sft(c, workdir, cache)
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    total = len(seeds) * len(settings)
+    for i, seed in enumerate(seeds):
+      for j, (name, row) in enumerate(settings.items()):
+        label = f"run {i * len(settings) + j + 1}/{total}"
+        runs[name].append(_run_rl(c, workdir, name, row, seed, label, cache))
   summary = summarize(runs)
-  settings = {v: variant_settings(v, c.ablate.alpha) for v in variants}
+  sft["row"] = sft_figures(sft["eval"], runs)
   run_seconds = sft["seconds"] + sum(r["seconds"] for rs in runs.values() for r in rs)
-  table = ablation_table(summary, sft["eval"], settings, run_seconds)
+  table = ablation_table(summary, sft["row"], settings, run_seconds)
   print("\n" + table, flush=True)
-  result = {"seeds": list(seeds), "variants": settings, "sft": sft, "runs": runs,
-            "summary": summary, "columns": [k for k, _ in COLUMNS], "table": table,
-            "run_seconds": run_seconds, "wall_seconds": time.time() - t0}
+  result = {"seeds": list(seeds), "variants": settings, "suite": dict(c.ablate.suite),
+            "sft": sft, "runs": runs, "summary": summary, "columns": [k for k, _ in COLUMNS],
+            "table": table, "run_seconds": run_seconds, "wall_seconds": time.time() - t0}
   _write_json(os.path.join(workdir, "ablation.json"), result)
   with open(os.path.join(workdir, "ablation.txt"), "w", encoding="utf-8") as f:
     f.write(table + "\n")

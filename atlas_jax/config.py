@@ -401,6 +401,14 @@ def _validate_ablate(a) -> None:
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"config.ablate.variants has {v!r}; expected names from {VARIANTS}")
-  if not a.alpha > 0:
-    _fail("ablate.alpha", a.alpha, "must be > 0 (the LA-GRPO variants' anchor weight; grpo is "
-          "alpha 0)")
+  alphas = tuple(a.alphas)
+  if not alphas or len(set(alphas)) != len(alphas):
+    _fail("ablate.alphas", alphas, "must be distinct numbers > 0, at least one (the LA-GRPO "
+          "variants' anchor weights; grpo is alpha 0)")
+  for alpha in alphas:
+    _number(alpha, "ablate.alphas", positive=True)
+  for name in ("token_rate", "wrong_token_rate"):
+    _number(a.suite[name], f"ablate.suite.{name}", low=0)
+    if a.suite[name] > 1:
+      _fail(f"ablate.suite.{name}", a.suite[name], "must be in [0, 1]")
+  _number(a.suite.filler_sentences, "ablate.suite.filler_sentences", low=0, integer=True)

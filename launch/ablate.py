@@ -2,6 +2,8 @@
 
   python -m launch.ablate --workdir=/tmp/atlas_ablate
   python -m launch.ablate --workdir=/tmp/atlas_ablate --config.demo.rl.steps=20
+  python -m launch.ablate --config=configs/ablate.py:sparse --workdir=/tmp/atlas_sparse
+  python -m launch.ablate --config=configs/ablate.py:sparse_sweep --workdir=/tmp/atlas_sparse
 
 Writes <workdir>/ablation.{json,txt,png}; a rerun of the same command skips finished runs.
 """
@@ -16,7 +18,7 @@ from launch import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "ablate.py"),
-    "Ablation config file (configs/ablate.py).", lock_config=True)
+    "Ablation config file (configs/ablate.py[:dense|sparse|sparse_sweep]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for the runs and the ablation's results.")
 flags.mark_flags_as_required(["workdir"])
 
