@@ -53,7 +53,7 @@ def get_config(arg: str = "dense"):
   c.ablate.suite = ml_collections.ConfigDict(
       dict(token_rate=1.0, wrong_token_rate=0.0, filler_sentences=0))
   # sparse, measured the same way: SFT 426 s (0.47 s/step), held-out accuracy 0.33 (the
-  # tiny model reads the images later on this suite: dense 0.67), no functional token in
+  # tiny model reads the images later on this suite: dense 0.60-0.67), no functional token in
   # greedy completions, 0.26 per sampled completion (72% the right one); an RL run ~85 s;
   # 22 minutes for the 1 + 3 x 3 runs, 13 more for the sweep's 9 new ones.
   if arg.startswith("sparse"):
