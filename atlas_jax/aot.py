@@ -15,8 +15,9 @@ rl.max_new_tokens each), `old-logp` (the trainer's log-prob pass) and `la-grpo` 
 update), both over one micro-batch of the rollout batch: prompts x group_size /
 optim.grad_accum rows of data.max_length + rl.max_new_tokens tokens, the length
 `rollout.assemble` gives them. With rl.shared_prefix those two take the grouped batch
-instead (`rollout.assemble_grouped`: a micro-batch's prompts / grad_accum prompts of
-data.max_length with their images once, their G completions of rl.max_new_tokens), the
+instead (`rollout.assemble_grouped`: prompts x rl.shared_prefix_parts / grad_accum
+prompts of data.max_length with their images once per micro-batch, each with G /
+shared_prefix_parts completions of rl.max_new_tokens), the
 report's attention column says "+shared", and the analytic FLOPs are the shared
 computation's (`shared_prefix_flops`).
 
@@ -193,9 +194,7 @@ def splash_flops(config, step: str, *, rows: int, length: int, patches: int) -> 
   path; the vision tower's windows are segment ids, so it visits every block."""
   if step == "decode":
     return 0.0
-  matmuls = 2
-  if step in ("sft", "la-grpo"):
-    matmuls += 7 + (2 if config.remat not in ("none", "attention_out") else 0)
+  matmuls = _splash_matmuls(config, step)
   t, v = config.text, config.vision
   padded, block = attention_lib.splash_blocks(length)
   diagonal = padded // block
@@ -205,6 +204,27 @@ def splash_flops(config, step: str, *, rows: int, length: int, patches: int) -> 
   vision_pairs = attention_lib.splash_blocks(patches)[0] ** 2
   vision = v.depth * v.num_heads * v.head_dim * vision_pairs
   return 2.0 * matmuls * rows * (text + vision)
+
+
+def _splash_matmuls(config, step: str) -> int:
+  """The matmuls per visited block of a step's splash kernels (see `splash_flops`)."""
+  if step in ("sft", "la-grpo"):
+    return 2 + 7 + (2 if config.remat not in ("none", "attention_out") else 0)
+  return 2
+
+
+def shared_splash_flops(config, step: str, *, completions: int, prompt_length: int,
+                        new_tokens: int) -> float:
+  """FLOPs of the completions' splash kernels in a grouped RL pass (rl.shared_prefix,
+  `attention.shared_prefix_kernel`), all chips: the blocks its causal mask, offset by the
+  prompt length, visits, counted as `splash_flops` counts (XLA counts them as nothing)."""
+  tq, bq = attention_lib.splash_blocks(new_tokens)
+  tk, bk = attention_lib.splash_blocks(prompt_length + tq)
+  pairs = sum(bq * bk for i in range(tq // bq) for j in range(tk // bk)
+              if j * bk <= (i + 1) * bq - 1 + prompt_length)
+  t = config.text
+  return (2.0 * _splash_matmuls(config, step) * completions * t.num_hidden_layers
+          * t.num_attention_heads * t.head_dim * pairs)
 
 
 def _costs(cost) -> tuple[float, float]:
@@ -369,10 +389,14 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     chunks = logit_length // min(chunk, logit_length)
     flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
               * config.text.hidden_size * config.text.vocab_size / n_devices)
-    if config.attention_impl == "splash":  # grouped: the prompts' (completions: einsums)
+    if config.attention_impl == "splash":  # grouped: the prompts' and the completions'
       flops += splash_flops(config, name, rows=shared_prompts or rows,
                             length=d.max_length if shared_prompts else length,
                             patches=d.max_patches) / n_devices
+      if shared_prompts:
+        flops += shared_splash_flops(config, name, completions=rows,
+                                     prompt_length=d.max_length,
+                                     new_tokens=rl.max_new_tokens) / n_devices
     # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
     seconds = tokens * max(flops / peak, nbytes / bandwidth) if compiled is not None else 0.0
     if shared_prompts:
@@ -434,11 +458,12 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     raise ValueError(f"config.rl.prompts_per_step x rl.group_size = {prompts * g} rollouts do "
                      f"not split into optim.grad_accum = {c.optim.grad_accum} micro-batches "
                      f"over {shards} batch shards")
-  if rl.shared_prefix and prompts % (c.optim.grad_accum * shards):
-    raise ValueError(f"config.rl.prompts_per_step {prompts} does not split into "
-                     f"optim.grad_accum = {c.optim.grad_accum} micro-batches of whole groups "
-                     f"over {shards} batch shards (rl.shared_prefix)")
-  shared = prompts // c.optim.grad_accum if rl.shared_prefix else 0  # whole groups
+  groups = prompts * rl.shared_prefix_parts  # rollout.assemble_grouped's
+  if rl.shared_prefix and groups % (c.optim.grad_accum * shards):
+    raise ValueError(f"config.rl.prompts_per_step x rl.shared_prefix_parts = {groups} groups "
+                     f"do not split into optim.grad_accum = {c.optim.grad_accum} "
+                     f"micro-batches of whole groups over {shards} batch shards")
+  shared = groups // c.optim.grad_accum if rl.shared_prefix else 0  # whole groups
   if rl.shared_prefix:
     per_token = ((r, n), jnp.float32)
     batch = _batch(mesh, dict(images(shared), prompt_ids=((shared, t), jnp.int32),

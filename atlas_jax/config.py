@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
   # run each prompt (vision tower, prompt layers) once for its G completions, not G times;
   # equal to the unshared rows within float32 rounding. Micro-batches then hold whole groups.
   c.rl.shared_prefix = False
+  c.rl.shared_prefix_parts = 1  # each group as this many groups of G / parts completions,
+  # each with its prompt: micro-batches this many times smaller, the prompt run this often
   c.rl.eval_prompts = 64
   c.rl.eval_batch_size = 16    # prompts per greedy evaluation batch (global)
   c.rl.reward = ml_collections.ConfigDict()
@@ -358,9 +360,15 @@ def _validate_rl(c) -> None:
           f"must be in [0, rl.max_new_tokens {rl.max_new_tokens}]")
   if not isinstance(rl.shared_prefix, bool):
     _fail("rl.shared_prefix", rl.shared_prefix, "must be True or False")
-  if rl.shared_prefix and rl.prompts_per_step % c.optim.grad_accum:
-    _fail("optim.grad_accum", c.optim.grad_accum, "must divide rl.prompts_per_step "
-          f"{rl.prompts_per_step} under rl.shared_prefix (micro-batches hold whole groups)")
+  _number(rl.shared_prefix_parts, "rl.shared_prefix_parts", low=1, integer=True)
+  if rl.group_size % rl.shared_prefix_parts:
+    _fail("rl.shared_prefix_parts", rl.shared_prefix_parts,
+          f"must divide rl.group_size {rl.group_size}")
+  groups = rl.prompts_per_step * rl.shared_prefix_parts
+  if rl.shared_prefix and groups % c.optim.grad_accum:
+    _fail("optim.grad_accum", c.optim.grad_accum, "must divide rl.prompts_per_step x "
+          f"rl.shared_prefix_parts = {groups} under rl.shared_prefix (micro-batches hold "
+          "whole groups)")
   per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
   if c.train.steps % per_rollout:
     _fail("train.steps", c.train.steps, "must be a multiple of rl.inner_updates x "

@@ -305,7 +305,7 @@ def test_micro_batches_hold_whole_groups():
                             group_size=g)
     (got, _), (want, _) = _logps(mb), _logps(flat)
     np.testing.assert_allclose(np.asarray(got), _window(flat)(want), atol=TOL, rtol=0)
-  with pytest.raises(ValueError, match="4 prompts .* optim.grad_accum = 3"):
+  with pytest.raises(ValueError, match="4 groups .* optim.grad_accum = 3"):
     update_lib.micro_batches(grouped, 3, mesh)
 
 
@@ -371,16 +371,18 @@ def test_rl_loop_step_equals_the_unshared_step(tmp_path):
 
 @pytest.mark.slow
 def test_rl_loop_shared_with_accumulation_kl_and_dynamic_sampling(tmp_path):
-  """The switch with grad accumulation (whole groups per micro-batch), the KL reference
-  pass and DAPO's dynamic sampling: two steps, finite metrics."""
+  """The switch with grad accumulation (whole groups per micro-batch, each group of 4
+  split in 2 parts), the KL reference pass and DAPO's dynamic sampling: two steps, finite
+  metrics."""
   from atlas_jax.rl.loop import train_rl
   c = _loop_config(str(tmp_path), **{
-      "train.steps": 4, "checkpoint.every": 4, "rl.shared_prefix": True,
-      "optim.grad_accum": 2, "optim.warmup_steps": 0, "rl.beta": 0.05,
+      "rl.shared_prefix": True,
+      "optim.grad_accum": 4, "rl.shared_prefix_parts": 2, "train.steps": 8,
+      "checkpoint.every": 8, "optim.warmup_steps": 0, "rl.beta": 0.05,
       "rl.dynamic_sampling": True,
       "rl.importance_level": "sequence", "rl.tis_cap": 2.0})
   state, last, _ = train_rl(c, str(tmp_path / "run"))
-  assert int(state.step) == 4
+  assert int(state.step) == 8
   for k in ("loss", "grad_norm", "kl", "logp_drift", "tis_weight_mean"):
     assert np.isfinite(last[k]), k
   assert last["kl"] > 0  # the second update's policy has left the reference
@@ -462,3 +464,18 @@ def test_splash_model_logps_equal_the_unshared_einsums():
   real = grouped["completion_mask"] > 0  # padding rows differ on the kernels (ignored)
   np.testing.assert_allclose(np.asarray(got)[real], _window(flat)(want)[real], atol=TOL,
                              rtol=0)
+
+
+def test_groups_split_in_parts_give_the_same_loss_and_gradients():
+  """rl.shared_prefix_parts = 2: each group of 4 as two groups of 2, each with its prompt:
+  the unshared loss, metrics and gradients still."""
+  prompts, comps, adv = _groups(4)
+  flat = jax.tree.map(np.asarray, rollout.assemble(prompts, comps, jnp.asarray(adv),
+                                                  group_size=4))
+  parts = jax.tree.map(np.asarray, rollout.assemble_grouped(prompts, comps,
+                                                            jnp.asarray(adv), parts=2))
+  assert parts["prompt_ids"].shape[0] == 6 and parts["completion_ids"].shape[0] == 12
+  np.testing.assert_array_equal(parts["prompt_ids"][1], prompts["input_ids"][0])
+  flat, parts = _with_logps(flat, parts)
+  flat.pop("ref_logp"), parts.pop("ref_logp")
+  _assert_same(_loss_and_grads(parts, BASE), _loss_and_grads(flat, BASE))

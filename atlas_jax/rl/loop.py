@@ -165,7 +165,8 @@ def train_rl(c, workdir: str, cache: StepCache | None = None):
                                        scale_by_std=rl.scale_adv_by_std, std=rl.adv_std)
     advantages = multihost.to_global_rows(np.asarray(advantages), run.mesh)
     if rl.shared_prefix:
-      batch = rollout.assemble_grouped(rollouts.prompts, rollouts.completions, advantages)
+      batch = rollout.assemble_grouped(rollouts.prompts, rollouts.completions, advantages,
+                                       parts=rl.shared_prefix_parts)
     else:
       batch = rollout.assemble(rollouts.prompts, rollouts.completions, advantages,
                                group_size=rl.group_size)

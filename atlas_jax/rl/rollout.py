@@ -242,12 +242,17 @@ def assemble(prompts: dict, rollout: dict, advantages, *, group_size: int) -> di
   return batch
 
 
-@jax.jit
-def assemble_grouped(prompts: dict, rollout: dict, advantages) -> dict:
+@functools.partial(jax.jit, static_argnames="parts")
+def assemble_grouped(prompts: dict, rollout: dict, advantages, *, parts: int = 1) -> dict:
   """The rollout batch in the grouped form (`run.shared_prefix`): each prompt and its
   images once (prompt_ids, prompt_mask [B, T]), its G completions after it
   (completion_ids, completion_mask [R, N]); sampler_logp float32[R, N] in the completion
-  layout. Nothing is repeated."""
+  layout. Nothing is repeated.
+
+  parts > 1 (rl.shared_prefix_parts, dividing G): each group split into `parts` groups of
+  G / parts completions, each with its own copy of the prompt (B * parts prompts; the
+  completions keep their order): micro-batches of whole groups are then `parts` times
+  smaller, the prompt computed `parts` times. The same loss and gradient."""
   batch = {
       "prompt_ids": prompts["input_ids"],
       "prompt_mask": prompts["attention_mask"],
@@ -259,6 +264,10 @@ def assemble_grouped(prompts: dict, rollout: dict, advantages) -> dict:
   for k in ("pixel_values", "image_grid_thw"):
     if k in prompts:
       batch[k] = prompts[k]
+  if parts > 1:
+    for k in ("prompt_ids", "prompt_mask", "pixel_values", "image_grid_thw"):
+      if k in batch:
+        batch[k] = jnp.repeat(batch[k], parts, axis=0)
   return batch
 
 

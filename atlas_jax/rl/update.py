@@ -175,17 +175,20 @@ def micro_batches(batch: dict, count: int, mesh) -> list[dict]:
   A grouped batch splits by prompt: prompt b and its G completions go to micro-batch
   b % count. Each micro-batch holds whole groups, so each prompt is computed once per
   update (splitting a group would recompute its prompt, vision tower included, in every
-  micro-batch holding one of its completions); B must then split into count x shards."""
+  micro-batch holding one of its completions); B must then split into count x shards.
+  For smaller micro-batches, rl.shared_prefix_parts makes smaller groups, each with its
+  own copy of the prompt (`rollout.assemble_grouped`)."""
   if count == 1:
     return [batch]
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if shared_prefix.is_grouped(batch):
     prompts = batch["prompt_ids"].shape[0]
     if prompts % (count * shards):
-      raise ValueError(f"rl.shared_prefix keeps each prompt's completions in one "
-                       f"micro-batch: the rollout batch's {prompts} prompts "
-                       f"(rl.prompts_per_step) do not split into optim.grad_accum = {count} "
-                       f"micro-batches over {shards} batch shards")
+      raise ValueError(f"rl.shared_prefix keeps each group's completions in one "
+                       f"micro-batch: the rollout batch's {prompts} groups "
+                       f"(rl.prompts_per_step x rl.shared_prefix_parts) do not split into "
+                       f"optim.grad_accum = {count} micro-batches over {shards} batch "
+                       f"shards")
     return list(_split_grouped(batch, count, mesh))
   rows = batch["input_ids"].shape[0]
   if rows % (count * shards):
