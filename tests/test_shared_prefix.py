@@ -322,26 +322,10 @@ def test_config_switch_defaults_off_and_is_checked():
 
 
 def _loop_config(tmp, **changes):
-  import ml_collections
-  import os
-  from configs import rl as rl_config
-  from tests import factories
-  c = rl_config.get_config("tiny")
-  c.data.synthetic_per_family = 4
-  c.data.synthetic_test_per_family = 1
-  c.data.max_length = 128
-  c.data.length_buckets = (128,)
-  c.data.dataset_dir = os.path.join(tmp, "shared_data")
-  c.train.logprob_chunk = 16
-  c.train.log_every = 1
-  c.rl.max_new_tokens = 16
-  c.rl.group_size = 4
-  c.rl.prompts_per_step = 2
-  c.rl.reward.weights = ml_collections.ConfigDict(dict(functional=1.0))
-  c.optim.lr = 2e-2
-  c.optim.warmup_steps = 1
-  c.checkpoint.async_save = False
-  return factories.override(c, changes)
+  """test_rl_loop's tiny run, with 4 completions of 16 tokens per prompt."""
+  from tests import test_rl_loop
+  return test_rl_loop._config(tmp, **{"train.logprob_chunk": 16, "rl.max_new_tokens": 16,
+                                      "rl.group_size": 4, **changes})
 
 
 def test_rl_loop_step_equals_the_unshared_step(tmp_path):
