@@ -12,20 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax.model import ModelConfig, TextConfig, VisionConfig, init_params
+from atlas_jax.model import init_params
 from atlas_jax.model import rope
 from atlas_jax.rl import grpo, rollout
 from atlas_jax.rl import update as update_lib
 from atlas_jax.run import logprobs, shared_prefix
 
-CONFIG = ModelConfig(
-    vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
-                        out_hidden_size=64, window_size=56, fullatt_block_indexes=(0,)),
-    text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
-    image_token_id=250)
+from tests.test_rl_update import CONFIG, FUNCTIONAL  # the same tiny model and token ids
+
 IMG, START, END = 250, 251, 252
-FUNCTIONAL = np.array([240, 241, 242, 243, 244], np.int32)
 N, CHUNK, TOL = 16, 8, 1e-5
 GRIDS = ((1, 4, 6), (1, 2, 2), (1, 6, 4), (1, 4, 4))  # [t, h, w] patches; merged: h*w/4
 
