@@ -37,13 +37,13 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
 from absl import flags
 
 from launch import cli
+from launch import processes as processes_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", "0.5b", ["tiny", "test", "small", "0.5b", "3b"],
@@ -329,26 +329,14 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "device_count" not in f) + \
       f" --xla_force_host_platform_device_count={devices}"
-  procs = []
-  for i in range(processes):
-    args = dict(path=path, tensor=tensor, processes=processes, process_id=i,
-                coordinator=f"localhost:{port}", steps=steps)
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "launch.memory_audit", f"--worker={json.dumps(args)}"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
+  commands = [[sys.executable, "-m", "launch.memory_audit", "--worker=" + json.dumps(dict(
+      path=path, tensor=tensor, processes=processes, process_id=i,
+      coordinator=f"localhost:{port}", steps=steps))] for i in range(processes)]
   results = []
-  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-    if p.returncode != 0:
-      raise RuntimeError(f"audit process {i} exited {p.returncode}: {err[-3000:]}")
+  for i, (code, out, err) in enumerate(processes_lib.run_together(
+      commands, cwd=root, env=env, timeout=timeout)):
+    if code != 0:
+      raise RuntimeError(f"audit process {i} exited {code}: {err[-3000:]}")
     results.append(json.loads(out.strip().splitlines()[-1]))
   return sorted(results, key=lambda r: r["process"])
 

@@ -183,22 +183,12 @@ def run_processes(commands: list[list[str]], *, cwd: str, env: dict,
   """Starts every command at once (the processes of one multi-process job), waits for all
   and returns their stdouts; a failed process fails the test with its output's tail. No
   process outlives the call."""
-  import subprocess
-  procs = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for cmd in commands]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=timeout))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.communicate()
-  for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, (f"process {i} exited {proc.returncode}\n--- stdout\n"
-                                  f"{out[-2000:]}\n--- stderr\n{err[-4000:]}")
-  return [out for out, _ in outputs]
+  from launch.processes import run_together
+  outputs = run_together(commands, cwd=cwd, env=env, timeout=timeout)
+  for i, (code, out, err) in enumerate(outputs):
+    assert code == 0, (f"process {i} exited {code}\n--- stdout\n"
+                       f"{out[-2000:]}\n--- stderr\n{err[-4000:]}")
+  return [out for _, out, _ in outputs]
 
 
 def restore_state_numpy(checkpoints: str, step: int) -> dict:
