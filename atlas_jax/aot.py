@@ -12,14 +12,17 @@ Steps: an sft recipe has `sft` (one micro-batch: data.batch_size rows of data.ma
 optim.grad_accum of them make an update). An rl recipe has `prefill` and `decode` (the
 sampler, rl.prompts_per_step prompts of data.max_length, rl.group_size samples of
 rl.max_new_tokens each), `old-logp` (the trainer's log-prob pass) and `la-grpo` (the
-update), both over one micro-batch of the rollout batch: prompts x group_size /
-optim.grad_accum rows of data.max_length + rl.max_new_tokens tokens, the length
-`rollout.assemble` gives them. With rl.shared_prefix those two take the grouped batch
-instead (`rollout.assemble_grouped`: prompts x rl.shared_prefix_parts / grad_accum
-prompts of data.max_length with their images once per micro-batch, each with G /
-shared_prefix_parts completions of rl.max_new_tokens), the
-report's attention column says "+shared", and the analytic FLOPs are the shared
-computation's (`shared_prefix_flops`).
+update), each over one micro-batch of the rollout batch: prompts x group_size / k rows of
+data.max_length + rl.max_new_tokens tokens, the length `rollout.assemble` gives them, k =
+`config.logprob_micro_batches(c)` for old-logp and optim.grad_accum for la-grpo. With
+rl.shared_prefix those two take the grouped batch instead (`rollout.assemble_grouped`:
+prompts / k prompts of data.max_length with their images once per micro-batch, each with
+G completions of rl.max_new_tokens; la-grpo's groups split by rl.shared_prefix_parts =
+p, `rollout.split_groups`: prompts x p / grad_accum prompts with G / p completions each),
+the report's attention column says "+shared", and the analytic FLOPs are the shared
+computation's (`shared_prefix_flops`). Report.calls counts a step's calls per RL step;
+`rl_step_totals` sums them. The training steps are traced under
+`sharding.training_rules(rl.sequence_parallel)`.
 
 Roofline: time = max(FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per chip, and
 MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body of a
@@ -57,7 +60,7 @@ from atlas_jax.model import abstract_params, from_size, param_shardings
 from atlas_jax.model import attention as attention_lib
 from atlas_jax.rl.update import old_logps_fn, rl_update_fn
 from atlas_jax.run import optimizer as optimizer_lib
-from atlas_jax.run import setup
+from atlas_jax.run import setup, shared_prefix
 from atlas_jax.sft.update import sft_step_fn
 
 GIB = 2**30
@@ -100,6 +103,13 @@ class Report:
   compiled: bool = True      # False: the compiler rejected it for HBM (sizes from its message)
   import_gib: float = 0.0    # the HF import, per chip (`import_memory`), the same on every row
   import_host_gib: float = 0.0  # ... and host memory in flight per host
+  calls: int = 1             # calls per RL step (old-logp: its micro-batches, x2 with the
+                             # reference; la-grpo: grad_accum x inner_updates); sft: 1
+
+  @property
+  def step_total_s(self) -> float:
+    """The roofline time of the step's calls in one RL step."""
+    return self.roofline_s * self.calls
 
   @property
   def fits(self) -> bool:
@@ -360,7 +370,7 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
   unrolled_config = dataclasses.replace(config, unroll_loops=True)
 
   def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
-          logit_passes=0, logit_length=None, shared_prompts=0):
+          logit_passes=0, logit_length=None, shared_prompts=0, calls=1):
     """Compiles `lower(config)` (the loop's jitted function lowered on `args`) and appends
     its report; `lower(unrolled_config)` is the same step with every loop unrolled, lowered
     for its cost counts only. logit_length: the positions per row the LM head runs on
@@ -386,8 +396,11 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     if name != "prefill":
       nbytes *= full_bytes / max(scanned_bytes, 1.0)
     logit_length = length if logit_length is None else logit_length
-    chunks = logit_length // min(chunk, logit_length)
-    flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
+    logit_chunk = min(chunk, logit_length)
+    if shared_prompts:  # the grouped batch's chunk (shared_prefix.token_logps)
+      logit_chunk = shared_prefix.logprob_chunk(chunk, rows // shared_prompts, logit_length)
+    chunks = logit_length // logit_chunk
+    flops += (logit_passes * (chunks - 1) * 2 * rows * logit_chunk
               * config.text.hidden_size * config.text.vocab_size / n_devices)
     if config.attention_impl == "splash":  # grouped: the prompts' and the completions'
       flops += splash_flops(config, name, rows=shared_prompts or rows,
@@ -411,7 +424,7 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
         size=c.model.size, topology=topology, step=name, mesh=mesh_desc, rows=rows,
         compile_s=compile_s, recipe=recipe, length=length,
         attention=config.attention_impl + ("+shared" if shared_prompts else ""),
-        grad_accum=c.optim.grad_accum if name in ("sft", "la-grpo") else 1,
+        grad_accum=c.optim.grad_accum if name in ("sft", "la-grpo") else 1, calls=calls,
         tflops=xla_flops / 1e12, model_tflops=analytic / 1e12, flops_tflops=flops / 1e12,
         xla_bytes_gb=xla_bytes / 1e9, bytes_gb=nbytes / 1e9, roofline_s=seconds,
         mfu=analytic / (seconds * peak) if seconds else 0.0, import_gib=loading["chip"],
@@ -450,51 +463,59 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
       sampler_state = _abstract(shapes, compiled.output_shardings if compiled is not None
                                 else _sampler_state_shardings(mesh, shapes))
       run("decode", lambda cfg: sampler_lib.jit_decode.lower(
-          cfg, state.params, sampler_state, allowed, settings=settings),
+          cfg, state.params, sampler_state, allowed, settings=settings,
+          one_layer_at_a_time=sampler_lib.weights_split_over_batch(state.params)),
           (state.params, sampler_state), rows=prompts * g, length=t, tokens=n)
-  r, length = prompts * g // c.optim.grad_accum, t + n  # one micro-batch (steps.micro_batches)
+  length = t + n
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if (prompts * g) % (c.optim.grad_accum * shards):
-    raise ValueError(f"config.rl.prompts_per_step x rl.group_size = {prompts * g} rollouts do "
-                     f"not split into optim.grad_accum = {c.optim.grad_accum} micro-batches "
-                     f"over {shards} batch shards")
-  groups = prompts * rl.shared_prefix_parts  # rollout.assemble_grouped's
-  if rl.shared_prefix and groups % (c.optim.grad_accum * shards):
-    raise ValueError(f"config.rl.prompts_per_step x rl.shared_prefix_parts = {groups} groups "
-                     f"do not split into optim.grad_accum = {c.optim.grad_accum} "
-                     f"micro-batches of whole groups over {shards} batch shards")
-  shared = groups // c.optim.grad_accum if rl.shared_prefix else 0  # whole groups
-  if rl.shared_prefix:
-    per_token = ((r, n), jnp.float32)
-    batch = _batch(mesh, dict(images(shared), prompt_ids=((shared, t), jnp.int32),
-                              prompt_mask=((shared, t), jnp.int32),
-                              completion_ids=((r, n), jnp.int32),
-                              completion_mask=((r, n), jnp.int32), sampler_logp=per_token,
-                              advantages=((r,), jnp.float32)))
-  else:
+
+  def rollout_batch(count: int, parts: int):
+    """(rows, prompts, per-token shape, batch): one of `count` micro-batches of the
+    rollout batch (update.micro_batches); grouped with `parts` under rl.shared_prefix
+    (prompts 0 otherwise)."""
+    units = prompts * parts if rl.shared_prefix else prompts * g  # whole groups, or rows
+    if units % (count * shards):
+      what = (f"rl.prompts_per_step x {parts} parts = {units} groups" if rl.shared_prefix
+              else f"rl.prompts_per_step x rl.group_size = {units} rollouts")
+      raise ValueError(f"config.{what} do not split into {count} micro-batches over {shards} "
+                       "batch shards")
+    r = prompts * g // count
+    if rl.shared_prefix:
+      b = units // count
+      per_token = ((r, n), jnp.float32)
+      return r, b, per_token, _batch(mesh, dict(
+          images(b), prompt_ids=((b, t), jnp.int32), prompt_mask=((b, t), jnp.int32),
+          completion_ids=((r, n), jnp.int32), completion_mask=((r, n), jnp.int32),
+          sampler_logp=per_token, advantages=((r,), jnp.float32)))
     per_token = ((r, length), jnp.float32)
-    batch = _batch(mesh, dict(images(r), input_ids=((r, length), jnp.int32),
-                              attention_mask=((r, length), jnp.int32),
-                              completion_mask=((r, length), jnp.int32),
-                              sampler_logp=per_token, advantages=((r,), jnp.float32)))
-  if wanted("old-logp"):
+    return r, 0, per_token, _batch(mesh, dict(
+        images(r), input_ids=((r, length), jnp.int32),
+        attention_mask=((r, length), jnp.int32), completion_mask=((r, length), jnp.int32),
+        sampler_logp=per_token, advantages=((r,), jnp.float32)))
+
+  if wanted("old-logp"):  # each prompt once, in the log-prob passes' own micro-batches
+    count = config_lib.logprob_micro_batches(c)
+    r, shared, _, batch = rollout_batch(count, 1)
     run("old-logp", lambda cfg: old_logps_fn(c, cfg).lower(state.params, batch),
         (state.params, batch), rows=r, length=length, logit_passes=1, logit_length=n,
-        shared_prompts=shared)
-  update_batch = dict(batch, **_batch(mesh, dict(old_logp=per_token)))
-  if rl.beta > 0:
-    update_batch.update(_batch(mesh, dict(ref_logp=per_token)))
+        shared_prompts=shared, calls=count * (2 if rl.beta > 0 else 1))
   if wanted("la-grpo"):
+    r, shared, per_token, batch = rollout_batch(c.optim.grad_accum, rl.shared_prefix_parts)
+    batch = dict(batch, **_batch(mesh, dict(old_logp=per_token)))
+    if rl.beta > 0:
+      batch.update(_batch(mesh, dict(ref_logp=per_token)))
     run("la-grpo", lambda cfg: rl_update_fn(
-        c, cfg, mesh, optimizer, state_sh, functional_ids).lower(state, update_batch),
-        (state, update_batch), rows=r, length=length, logit_passes=4, logit_length=n,
-        shared_prompts=shared)
+        c, cfg, mesh, optimizer, state_sh, functional_ids).lower(state, batch),
+        (state, batch), rows=r, length=length, logit_passes=4, logit_length=n,
+        shared_prompts=shared, calls=c.optim.grad_accum * rl.inner_updates)
   return reports
 
 
-# Flag-mode step names -> the recipe steps they compile.
+# Step names (launch.aot_report --steps) -> the recipe steps they compile; flag mode takes
+# the first three.
 STEP_GROUPS = {"sft": ("sft",), "sampler": ("prefill", "decode"),
-               "la-grpo": ("old-logp", "la-grpo")}
+               "la-grpo": ("old-logp", "la-grpo"), "old-logp": ("old-logp",),
+               "update": ("la-grpo",)}
 
 
 def flag_configs(size: str, *, mesh_shape: dict, batch: int, length: int, patches: int,
@@ -540,6 +561,29 @@ def compile_steps(size: str, topology: str, *, steps=("sft", "la-grpo", "sampler
   return reports
 
 
+def rl_step_totals(reports: list[Report]) -> list[str]:
+  """Per RL recipe and slice, the roofline seconds of one RL step's calls: the training
+  passes (old-logp and la-grpo, each time x calls) and, where compiled, the sampler's."""
+  lines, groups = [], {}
+  for r in reports:
+    if r.step in ("prefill", "decode", "old-logp", "la-grpo"):
+      groups.setdefault((r.recipe or r.size, r.topology, r.mesh), {})[r.step] = r
+  for (name, topology, mesh), steps in groups.items():
+    training = [steps[k] for k in ("old-logp", "la-grpo") if k in steps]
+    if not training or not all(r.compiled for r in steps.values()):
+      continue
+    passes = sum(r.step_total_s for r in training)
+    terms = " + ".join(f"{r.step} {r.roofline_s:.3f} s x {r.calls}" for r in training)
+    line = f"RL step {name} on {topology} ({mesh}): training passes {terms} = {passes:.1f} s"
+    sampler = [steps[k] for k in ("prefill", "decode") if k in steps]
+    if sampler:
+      total = passes + sum(r.step_total_s for r in sampler)
+      line += (f"; with {' + '.join(f'{r.step} {r.roofline_s:.2f} s' for r in sampler)}: "
+               f"{total:.1f} s")
+    lines.append(line)
+  return lines
+
+
 def format_table(reports: list[Report]) -> str:
   head = (f"{'size':<15}{'slice':<10}{'step':<9}{'attn':<7}{'mesh':<19}{'rows':>5}{'len':>6}"
           f"{'args':>7}"
@@ -553,6 +597,7 @@ def format_table(reports: list[Report]) -> str:
                  f"{r.hbm_gib:>5.0f}{'yes' if r.fits else 'NO':>5}{r.model_tflops:>8.1f}"
                  + (f"{r.roofline_s:>8.3f}{r.mfu:>6.0%}" if r.compiled else f"{'-':>8}{'-':>6}")
                  + f"{r.compile_s:>8.1f}s")
+  lines += rl_step_totals(reports)
   seen = set()
   for r in reports:
     if r.import_gib and (r.recipe, r.size, r.topology, r.mesh) not in seen:

@@ -151,8 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
   # run each prompt (vision tower, prompt layers) once for its G completions, not G times;
   # equal to the unshared rows within float32 rounding. Micro-batches then hold whole groups.
   c.rl.shared_prefix = False
-  c.rl.shared_prefix_parts = 1  # each group as this many groups of G / parts completions,
-  # each with its prompt: micro-batches this many times smaller, the prompt run this often
+  c.rl.shared_prefix_parts = 1  # the update's groups: each as this many groups of G / parts
+  # completions, each with its prompt: micro-batches this many times smaller, the prompt run
+  # this often; the log-prob passes read each prompt once whatever this says
+  c.rl.logprob_micro_batches = 0  # micro-batches of the old/ref log-prob passes over the
+  # rollout batch (whole groups under shared_prefix); 0: optim.grad_accum / shared_prefix_parts
+  # (the update's completions per micro-batch)
+  c.rl.sequence_parallel = False  # the RL training passes with the residual stream's length
+  # over mesh.tensor too (sharding.SEQUENCE_PARALLEL_RULES): remat's saved layer inputs / tensor
   c.rl.eval_prompts = 64
   c.rl.eval_batch_size = 16    # prompts per greedy evaluation batch (global)
   c.rl.reward = ml_collections.ConfigDict()
@@ -216,6 +222,16 @@ def _number(value, field: str, *, low=None, integer: bool = False, positive: boo
     _fail(field, value, "must be > 0")
   if low is not None and value < low:
     _fail(field, value, f"must be >= {low}")
+
+
+def logprob_micro_batches(c) -> int:
+  """Micro-batches of the RL log-prob passes over one rollout batch: rl.logprob_micro_batches,
+  or (0) optim.grad_accum / rl.shared_prefix_parts (under rl.shared_prefix), at least 1: the
+  update's completions per micro-batch."""
+  if c.rl.logprob_micro_batches:
+    return int(c.rl.logprob_micro_batches)
+  parts = c.rl.shared_prefix_parts if c.rl.shared_prefix else 1
+  return max(1, c.optim.grad_accum // parts)
 
 
 def validate(c) -> None:
@@ -369,6 +385,16 @@ def _validate_rl(c) -> None:
     _fail("optim.grad_accum", c.optim.grad_accum, "must divide rl.prompts_per_step x "
           f"rl.shared_prefix_parts = {groups} under rl.shared_prefix (micro-batches hold "
           "whole groups)")
+  if not isinstance(rl.sequence_parallel, bool):
+    _fail("rl.sequence_parallel", rl.sequence_parallel, "must be True or False")
+  _number(rl.logprob_micro_batches, "rl.logprob_micro_batches", low=0, integer=True)
+  count = logprob_micro_batches(c)
+  rows = rl.prompts_per_step * (1 if rl.shared_prefix else rl.group_size)
+  if rows % count:
+    what = ("rl.prompts_per_step (whole groups under rl.shared_prefix)" if rl.shared_prefix
+            else "rl.prompts_per_step x rl.group_size")
+    _fail("rl.logprob_micro_batches", rl.logprob_micro_batches,
+          f"resolves to {count}, which must divide {what} = {rows}")
   per_rollout = rl.inner_updates * c.optim.grad_accum  # optimizer micro-steps per rollout
   if c.train.steps % per_rollout:
     _fail("train.steps", c.train.steps, "must be a multiple of rl.inner_updates x "

@@ -15,6 +15,14 @@ training and rollout alike:
   activation_embed            replicated
   activation_mlp              tensor
 
+`SEQUENCE_PARALLEL_RULES` is the same table with the residual stream's length over
+`tensor` as well (Megatron-style sequence parallelism, for steps with a backward pass): a
+layer's input, which remat saves, is then a tensor-th per chip, and the all-reduce after
+the attention output and the MLP becomes a reduce-scatter plus an all-gather before the
+next matmul. Rules listed first win a mesh axis, so the MLP width keeps `tensor` where a
+spec names both (`activation_mlp` before `activation_length`); attention's heads are
+sharded by the params.
+
 Sampling keeps the training layout for params (rollouts use the live training params, no
 resharding) and shards the KV cache's batch over (data, fsdp) and its kv heads over
 tensor (`CACHE_AXES` in sampler.py). The params' shardings are `model.param_shardings`.
@@ -23,6 +31,7 @@ tensor (`CACHE_AXES` in sampler.py). The params' shardings are `model.param_shar
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
@@ -47,6 +56,25 @@ RULES = (
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
 )
+
+SEQUENCE_PARALLEL_RULES = tuple(r for r in RULES if r[0] != "activation_length") + (
+    ("activation_length", "tensor"),)
+
+
+def training_rules(sequence_parallel: bool):
+  """The rules a gradient or log-prob step is traced under: `SEQUENCE_PARALLEL_RULES`
+  or `RULES`."""
+  return SEQUENCE_PARALLEL_RULES if sequence_parallel else RULES
+
+
+def traced_under(fn, rules):
+  """`fn` that traces its body under the logical `rules` (inside a jit: the mesh stays the
+  active `with_rules` one), whatever rules its caller has active."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def resolve_mesh_shape(shape, num_devices: int) -> dict[str, int]:

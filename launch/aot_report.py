@@ -32,7 +32,9 @@ config_flags.DEFINE_config_file("config", None, "Recipe config file (configs/*.p
 flags.DEFINE_string("topology", "", "TPU slice for --config, e.g. v5e:4x4, v5p:2x2x4.")
 flags.DEFINE_list("sizes", ["qwen2.5-vl-7b"], "Model sizes (atlas_jax.model.SIZES).")
 flags.DEFINE_list("topologies", ["v5e:4x4"], "TPU slices, e.g. v5e:4x4, v5p:4x4x4.")
-flags.DEFINE_list("steps", ["sft", "la-grpo", "sampler"], "Steps to compile.")
+flags.DEFINE_list("steps", ["sft", "la-grpo", "sampler"], "Steps to compile (sft, sampler, "
+                  "la-grpo: old-logp and the update; with --config also old-logp or update "
+                  "alone).")
 flags.DEFINE_integer("data", 1, "Mesh data axis.")
 flags.DEFINE_integer("fsdp", -1, "Mesh fsdp axis (-1: the rest).")
 flags.DEFINE_integer("tensor", 1, "Mesh tensor axis.")

@@ -10,6 +10,7 @@ state (per-chip bytes under fsdp=4 well below those under data=4).
 """
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -108,6 +109,7 @@ def test_tiny_recipes_compile_for_a_v5e_slice():
   # prompts x group size, updated in optim.grad_accum micro-batches of prompt + new tokens.
   assert (reports["sft"]["rows"], reports["sft"]["length"]) == (8, 128)
   assert reports["la-grpo"]["grad_accum"] == 2
+  assert reports["la-grpo"]["calls"] == reports["old-logp"]["calls"] == 2  # per RL step
   assert reports["decode"]["rows"] == 4 * 4 and reports["prefill"]["rows"] == 4
   assert (reports["la-grpo"]["rows"], reports["la-grpo"]["length"]) == (8, 128 + 64)
   # Forward + backward costs more than the forward pass alone over the same rows.
@@ -201,3 +203,24 @@ def test_the_cost_pass_unrolls_the_layer_scans_by_config():
       cfg, abstract_params(cfg), ids, ids))[0]
   scanned, unrolled = flops(config), flops(dataclasses.replace(config, unroll_loops=True))
   assert unrolled > 1.5 * scanned  # tiny has 2 decoder layers: one counted when scanned
+
+
+def test_rl_step_totals_add_each_step_times_its_calls():
+  """format_table's RL step line: old-logp and la-grpo times x their calls per RL step (the
+  log-prob passes' own micro-batches), then the sampler's prefill and decode."""
+  from atlas_jax import aot
+  row = lambda step, seconds, calls: aot.Report(
+      size="qwen2.5-vl-7b", topology="v5e:4x4", step=step, mesh="fsdp=4xtensor=4", rows=4,
+      argument_gib=1.0, temp_gib=1.0, output_gib=0.0, alias_gib=0.0, total_gib=2.0,
+      hbm_gib=16, tflops=1.0, compile_s=1.0, recipe="rl:7b", roofline_s=seconds, calls=calls)
+  reports = [row("prefill", 1.0, 1), row("decode", 30.0, 1), row("old-logp", 0.25, 16),
+             row("la-grpo", 0.5, 32)]
+  assert reports[2].step_total_s == 4.0
+  lines = aot.rl_step_totals(reports)
+  assert lines == ["RL step rl:7b on v5e:4x4 (fsdp=4xtensor=4): training passes old-logp "
+                   "0.250 s x 16 + la-grpo 0.500 s x 32 = 20.0 s; with prefill 1.00 s + "
+                   "decode 30.00 s: 51.0 s"]
+  assert aot.rl_step_totals(reports[2:]) == [lines[0].split(";")[0]]
+  assert lines[0] in aot.format_table(reports)
+  rejected = dataclasses.replace(reports[3], compiled=False)
+  assert aot.rl_step_totals(reports[:3] + [rejected]) == []

@@ -196,3 +196,83 @@ def test_the_completion_window_matches_every_position():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
   with pytest.raises(ValueError, match="leaves no prompt"):
     token_logps(CONFIG, params, batch, chunk=64, completion_length=128)
+
+
+# Runs in a subprocess with 4 fake CPU devices: the update and the old-logp pass with
+# rl.sequence_parallel against without, on a fsdp=2 x tensor=2 mesh.
+SEQUENCE_PARALLEL_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \\
+    " --xla_force_host_platform_device_count=4"
+import json
+import jax, jax.numpy as jnp, numpy as np
+from atlas_jax import config as config_lib, sharding
+from atlas_jax.model import param_shardings
+from atlas_jax.rl import rollout
+from atlas_jax.rl.update import old_logps_fn, rl_update_fn
+from atlas_jax.run import optimizer as optimizer_lib
+from atlas_jax.run.state import TrainState
+from tests import test_shared_prefix as T
+
+mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
+prompts, comps, adv = T._groups(4, seed=6, b=4)
+flat = rollout.assemble(prompts, comps, jnp.asarray(adv), group_size=4)
+grouped = rollout.assemble_grouped(prompts, comps, jnp.asarray(adv))
+flat, grouped = T._with_logps(jax.tree.map(np.asarray, flat), jax.tree.map(np.asarray, grouped))
+LENGTH_SHARDED = '[{"data", "fsdp"}, {"tensor"}, {}]'  # a [B, T, D] constraint, Shardy's text
+report = {}
+for form, batch in (("unshared", flat), ("shared", grouped)):
+  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  out = {}
+  for sp in (False, True):
+    c = config_lib.base_config()
+    c.train.logprob_chunk, c.rl.max_new_tokens = T.CHUNK, T.N
+    c.rl.shared_prefix, c.rl.sequence_parallel, c.rl.beta = form == "shared", sp, 0.05
+    c.optim.warmup_steps = 0
+    tx = optimizer_lib.make_optimizer(c.optim)
+    state = TrainState.create(jax.tree.map(np.array, T._params()), tx, 0)  # donated
+    state_sh = sharding.state_shardings(mesh, state, param_shardings(mesh, T.CONFIG))
+    state = jax.device_put(state, state_sh)
+    with sharding.with_rules(mesh, sharding.RULES):  # the loop's; the steps bring their own
+      logps = old_logps_fn(c, T.CONFIG)
+      update = rl_update_fn(c, T.CONFIG, mesh, tx, state_sh, jnp.asarray(T.FUNCTIONAL))
+      text = update.lower(state, batch).as_text() + logps.lower(state.params, batch).as_text()
+      logp, _ = logps(state.params, batch)
+      state, metrics = update(state, batch)
+    out[sp] = (np.asarray(logp), {k: float(v) for k, v in metrics.items()},
+               jax.tree.map(np.asarray, state.params), text.count(LENGTH_SHARDED))
+  (l0, m0, p0, n0), (l1, m1, p1, n1) = out[False], out[True]
+  report[form] = dict(
+      logp=float(np.abs(l0 - l1).max()),
+      metrics=max(abs(m0[k] - m1[k]) / max(1.0, abs(m0[k])) for k in m0),
+      params=max(float(np.abs(a - b).max()) for a, b in
+                 zip(jax.tree.leaves(p0), jax.tree.leaves(p1))),
+      length_sharded=[n0, n1], skipped=m1["skipped_step"])
+print("REPORT " + json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_sequence_parallel_steps_equal_the_default_rules():
+  """rl.sequence_parallel traces the old-logp pass and the update under
+  sharding.SEQUENCE_PARALLEL_RULES (the residual stream [B, T, D] over fsdp x tensor on a
+  fsdp=2 x tensor=2 mesh, which the default rules never ask for), on unshared and grouped
+  batches (the reference KL on): the same log-probs, metrics and updated params."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-c", SEQUENCE_PARALLEL_SCRIPT], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.split("REPORT ", 1)[1])
+  print(f"\n[sequence parallel] {report}")
+  for form, r in report.items():
+    assert r["skipped"] == 0, form
+    n_default, n_sequence_parallel = r["length_sharded"]
+    assert n_sequence_parallel > n_default, (form, r)
+    for key in ("logp", "metrics", "params"):
+      assert r[key] < 1e-5, (form, key, r[key])

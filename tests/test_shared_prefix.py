@@ -304,6 +304,55 @@ def test_micro_batches_hold_whole_groups():
     update_lib.micro_batches(grouped, 3, mesh)
 
 
+def _logps_fn(shared: bool, **changes):
+  """old_logps_fn of a base config with the tiny model's chunk and completion length."""
+  from atlas_jax import config as config_lib
+  c = config_lib.base_config()
+  c.train.logprob_chunk, c.rl.max_new_tokens, c.rl.shared_prefix = CHUNK, N, shared
+  c.rl.update(changes)
+  return update_lib.old_logps_fn(c, CONFIG)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_log_prob_pass_in_micro_batches_equals_the_whole_batch(shared):
+  """update.batch_logps: the old-logp pass over 4 prompts x 4 completions in 2 and 4
+  micro-batches (whole groups when grouped), put back in the batch's row order, equals the
+  pass over the whole batch (and, grouped, the unshared rows), whatever
+  rl.shared_prefix_parts the update takes."""
+  from atlas_jax import sharding
+  g, b = 4, 4
+  prompts, comps, adv = _groups(g, seed=4, b=b)
+  batch = (rollout.assemble_grouped(prompts, comps, jnp.asarray(adv)) if shared else
+           rollout.assemble(prompts, comps, jnp.asarray(adv), group_size=g))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  fn = _logps_fn(shared, shared_prefix_parts=2)
+  want, _ = fn(_params(), batch)
+  for count in (2, 4):
+    got = update_lib.batch_logps(fn, _params(), batch, count, mesh)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0)
+  if shared:  # ... and the unshared rows'
+    flat = rollout.assemble(prompts, comps, jnp.asarray(adv), group_size=g)
+    np.testing.assert_allclose(np.asarray(want), _window(flat)(_logps(flat)[0]), atol=TOL,
+                               rtol=0)
+
+
+def test_groups_split_after_assembly_equal_the_assembled_parts():
+  """rollout.split_groups (the loop: the log-prob passes on whole groups, then the update's
+  parts) gives assemble_grouped(parts=2)'s batch, old_logp (a per-completion array)
+  untouched."""
+  prompts, comps, adv = _groups(4)
+  whole = rollout.assemble_grouped(prompts, comps, jnp.asarray(adv))
+  old = jnp.asarray(comps["logps"]) - 0.5
+  split = rollout.split_groups(dict(whole, old_logp=old), 2)
+  want = rollout.assemble_grouped(prompts, comps, jnp.asarray(adv), parts=2)
+  assert set(split) == set(want) | {"old_logp"}
+  for k in want:
+    np.testing.assert_array_equal(np.asarray(split[k]), np.asarray(want[k]), err_msg=k)
+  np.testing.assert_array_equal(np.asarray(split["old_logp"]), np.asarray(old))
+  assert rollout.split_groups(whole, 1) is whole
+
+
 def test_config_switch_defaults_off_and_is_checked():
   from atlas_jax import config as config_lib
   c = config_lib.base_config()
@@ -314,6 +363,23 @@ def test_config_switch_defaults_off_and_is_checked():
     config_lib._validate_rl(c)
   c.optim.grad_accum, c.train.steps = 2, 2
   config_lib._validate_rl(c)
+  # The log-prob passes: their own micro-batches of whole groups, by default the update's
+  # completions per micro-batch.
+  assert c.rl.logprob_micro_batches == 0 and config_lib.logprob_micro_batches(c) == 2
+  c.rl.shared_prefix_parts, c.optim.grad_accum, c.train.steps = 2, 8, 8
+  assert config_lib.logprob_micro_batches(c) == 4
+  config_lib._validate_rl(c)
+  c.rl.shared_prefix = False  # parts only count under shared_prefix
+  assert config_lib.logprob_micro_batches(c) == 8
+  c.rl.shared_prefix = True
+  c.rl.logprob_micro_batches = 3
+  with pytest.raises(ValueError, match="rl.logprob_micro_batches.*rl.prompts_per_step"):
+    config_lib._validate_rl(c)
+  c.rl.logprob_micro_batches = 1
+  config_lib._validate_rl(c)
+  c.rl.logprob_micro_batches = -1
+  with pytest.raises(ValueError, match="rl.logprob_micro_batches"):
+    config_lib._validate_rl(c)
 
 
 def _loop_config(tmp, **changes):
@@ -325,15 +391,26 @@ def _loop_config(tmp, **changes):
 
 def test_rl_loop_step_equals_the_unshared_step(tmp_path):
   """train_rl with rl.shared_prefix: one step (same rollouts) ends at the unshared run's
-  params and metrics (loss, grad_norm, the drift metric, ...)."""
+  params and metrics (loss, grad_norm, the drift metric, ...). And with the update's
+  groups in 2 parts over 2 micro-batches while the old-logp pass reads each prompt once in
+  one micro-batch: the same rollouts, the same drift, and every update's ratio to the old
+  policy 1 (no update between the pass and the micro-batches: a row's old log-probs
+  placed on another row would move it)."""
   from atlas_jax.rl.loop import train_rl
   out = {}
-  for shared in (False, True):
-    c = _loop_config(str(tmp_path), **{"train.steps": 1, "checkpoint.every": 1,
-                                       "rl.shared_prefix": shared})
-    state, last, _ = train_rl(c, str(tmp_path / f"run_{shared}"))
-    out[shared] = (jax.tree.map(np.asarray, state.params), last)
-  (p_want, m_want), (p_got, m_got) = out[False], out[True]
+  for name, changes in (("unshared", {}), ("shared", {"rl.shared_prefix": True}),
+                        ("parts", {"rl.shared_prefix": True, "rl.shared_prefix_parts": 2,
+                                   "optim.grad_accum": 2, "train.steps": 2,
+                                   "checkpoint.every": 2, "rl.logprob_micro_batches": 1})):
+    c = _loop_config(str(tmp_path), **{"train.steps": 1, "checkpoint.every": 1, **changes})
+    state, last, _ = train_rl(c, str(tmp_path / f"run_{name}"))
+    out[name] = (jax.tree.map(np.asarray, state.params), last)
+  (p_want, m_want), (p_got, m_got) = out["unshared"], out["shared"]
+  m_parts = out["parts"][1]
+  assert m_parts["reward"] == m_want["reward"]
+  np.testing.assert_allclose(m_parts["logp_drift"], m_want["logp_drift"], atol=TOL, rtol=1e-4)
+  np.testing.assert_allclose(m_parts["ratio_mean"], 1.0, atol=TOL, rtol=0)
+  c = _loop_config(str(tmp_path), **{"train.steps": 1, "checkpoint.every": 1})
   assert m_got["reward"] == m_want["reward"]  # the same rollouts
   for k in ("loss", "pg_loss", "anchor_loss", "grad_norm", "logp_drift", "entropy",
             "ratio_mean", "dilution_ratio"):
@@ -458,3 +535,13 @@ def test_groups_split_in_parts_give_the_same_loss_and_gradients():
   flat, parts = _with_logps(flat, parts)
   flat.pop("ref_logp"), parts.pop("ref_logp")
   _assert_same(_loss_and_grads(parts, BASE), _loss_and_grads(flat, BASE))
+
+
+def test_the_log_prob_chunk_shrinks_with_the_completions_per_prompt():
+  """A grouped batch's LM-head chunk: train.logprob_chunk / G, the largest divisor of N up
+  to it, so that a chunk holds an unshared row's logits per prompt."""
+  assert shared_prefix.logprob_chunk(512, 4, 1024) == 128
+  assert shared_prefix.logprob_chunk(512, 8, 1024) == 64
+  assert shared_prefix.logprob_chunk(512, 1, 256) == 256
+  assert shared_prefix.logprob_chunk(64, 3, 64) == 16
+  assert shared_prefix.logprob_chunk(4, 8, 16) == 1

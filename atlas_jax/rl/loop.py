@@ -12,10 +12,12 @@ rl.dynamic_sampling (DAPO) groups whose rewards are all equal are dropped and fu
 prompt batches drawn until B informative groups are in hand (`rollout.dynamic_sampling`);
 rl.overlong_buffer adds DAPO's soft overlong penalty to the rewards. Either way a step's
 sampling and scoring give one `rollout.Rollouts`. Every metric the update returns is
-logged, the gradient-dilution diagnostic included. With rl.shared_prefix the rollout batch
-is grouped (`rollout.assemble_grouped`): the log-prob passes and the update run each
-prompt once for its G completions (`run.shared_prefix`), micro-batches holding whole
-groups.
+logged, the gradient-dilution diagnostic included. The log-prob passes take the rollout batch in
+rl.logprob_micro_batches micro-batches of their own (`update.batch_logps`). With
+rl.shared_prefix the rollout batch is grouped (`rollout.assemble_grouped`): the log-prob
+passes and the update run each prompt once for its G completions (`run.shared_prefix`),
+micro-batches holding whole groups; the update's groups are first split into
+rl.shared_prefix_parts (`rollout.split_groups`), each with its own copy of the prompt.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from atlas_jax.eval import in_training
 from atlas_jax.functional_tokens import TASK_TOKENS
 from atlas_jax.rl import grpo, rollout
 from atlas_jax.rl import rewards as rewards_lib
-from atlas_jax.rl.update import micro_batches, old_logps_fn, rl_update_fn
+from atlas_jax.rl.update import batch_logps, micro_batches, old_logps_fn, rl_update_fn
 from atlas_jax.run import optimizer as optimizer_lib
 from atlas_jax.run import plots, setup
 from atlas_jax.run.steps import StepCache
@@ -143,6 +145,7 @@ def train_rl(c, workdir: str, cache: StepCache | None = None):
   sampler = make_sampler(run.model_config, run.tokenizer, SamplerSettings.from_rl(rl))
   functional_ids = jnp.asarray(run.table.id_array)
   old_logps = old_logps_fn(c, run.model_config, cache=cache)
+  logp_count = config_lib.logprob_micro_batches(c)
   update = rl_update_fn(c, run.model_config, run.mesh, optimizer, state_sh, functional_ids,
                         cache=cache)
 
@@ -164,18 +167,18 @@ def train_rl(c, workdir: str, cache: StepCache | None = None):
     advantages = grpo.group_advantages(rollouts.reward, rl.group_size,
                                        scale_by_std=rl.scale_adv_by_std, std=rl.adv_std)
     advantages = multihost.to_global_rows(np.asarray(advantages), run.mesh)
-    if rl.shared_prefix:
-      batch = rollout.assemble_grouped(rollouts.prompts, rollouts.completions, advantages,
-                                       parts=rl.shared_prefix_parts)
+    if rl.shared_prefix:  # each prompt once for the log-prob passes
+      batch = rollout.assemble_grouped(rollouts.prompts, rollouts.completions, advantages)
     else:
       batch = rollout.assemble(rollouts.prompts, rollouts.completions, advantages,
                                group_size=rl.group_size)
     with sharding.with_rules(run.mesh, sharding.RULES):
+      batch["old_logp"] = batch_logps(old_logps, state.params, batch, logp_count, run.mesh)
+      if ref_params is not None:
+        batch["ref_logp"] = batch_logps(old_logps, ref_params, batch, logp_count, run.mesh)
+      if rl.shared_prefix:
+        batch = rollout.split_groups(batch, rl.shared_prefix_parts)
       micro = micro_batches(batch, optim.grad_accum, run.mesh)
-      for mb in micro:
-        mb["old_logp"], _ = old_logps(state.params, mb)
-        if ref_params is not None:
-          mb["ref_logp"], _ = old_logps(ref_params, mb)
       updates = []
       for _ in range(rl.inner_updates):
         for mb in micro:

@@ -264,11 +264,24 @@ def assemble_grouped(prompts: dict, rollout: dict, advantages, *, parts: int = 1
   for k in ("pixel_values", "image_grid_thw"):
     if k in prompts:
       batch[k] = prompts[k]
-  if parts > 1:
-    for k in ("prompt_ids", "prompt_mask", "pixel_values", "image_grid_thw"):
-      if k in batch:
-        batch[k] = jnp.repeat(batch[k], parts, axis=0)
-  return batch
+  return split_groups(batch, parts)
+
+
+PROMPT_FIELDS = ("prompt_ids", "prompt_mask", "pixel_values", "image_grid_thw")
+
+
+def split_groups(batch: dict, parts: int) -> dict:
+  """A grouped batch with each group as `parts` groups (rl.shared_prefix_parts): the
+  per-prompt fields (PROMPT_FIELDS) repeated `parts` times, prompt-major; the per-completion
+  ones (the completions, their per-token arrays, advantages) unchanged, as the completions
+  keep their order. parts 1: the batch itself."""
+  return batch if parts == 1 else _repeat_prompts(batch, parts)
+
+
+@functools.partial(jax.jit, static_argnames="parts")
+def _repeat_prompts(batch: dict, parts: int) -> dict:
+  return {k: jnp.repeat(v, parts, axis=0) if k in PROMPT_FIELDS else v
+          for k, v in batch.items()}
 
 
 def functional_counts(texts: list[str], tokens) -> np.ndarray:

@@ -18,6 +18,9 @@ gradients are the same (tests/test_shared_prefix.py).
   old_logps_fn     the jitted trainer log-prob pass (the "old" policy, and the reference)
   rl_update_fn     the jitted LA-GRPO update: (state, rollout batch) -> (state, metrics)
   micro_batches    a rollout batch split into optim.grad_accum micro-batches
+  batch_logps      a log-prob pass over a whole rollout batch, in micro-batches of its own
+
+Both steps are traced under `sharding.training_rules(rl.sequence_parallel)`.
 """
 
 from __future__ import annotations
@@ -138,14 +141,15 @@ def old_logps_fn(c, model_config, *, cache: steps_lib.StepCache | None = None):
   arguments."""
   chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
   shared = bool(c.rl.shared_prefix)
-  key = ("old_logps", model_config, chunk, temperature, n, shared)
+  rules = sharding.training_rules(c.rl.sequence_parallel)
+  key = ("old_logps", model_config, chunk, temperature, n, shared, rules)
   if shared:
     fn = functools.partial(shared_prefix.token_logps, model_config, chunk=chunk,
                            temperature=temperature)
   else:
     fn = functools.partial(logprobs.token_logps, model_config, chunk=chunk,
                            temperature=temperature, completion_length=n)
-  return steps_lib.cached(cache, key, lambda: jax.jit(fn))
+  return steps_lib.cached(cache, key, lambda: jax.jit(sharding.traced_under(fn, rules)))
 
 
 def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, *,
@@ -156,13 +160,14 @@ def rl_update_fn(c, model_config, mesh, optimizer, state_sh, functional_ids, *,
   platform = steps_lib.platform(mesh)
   settings = grpo.LossSettings.from_rl(c.rl)
   chunk, temperature, n = c.train.logprob_chunk, c.rl.temperature, c.rl.max_new_tokens
+  rules = sharding.training_rules(c.rl.sequence_parallel)
   key = ("rl_update", model_config, optimizer_lib.config_key(c.optim), mesh,
          steps_lib.sharding_key(state_sh), tuple(np.asarray(functional_ids).tolist()),
-         settings, chunk, temperature, n)
-  return steps_lib.cached(cache, key, lambda: jax.jit(
+         settings, chunk, temperature, n, rules)
+  return steps_lib.cached(cache, key, lambda: jax.jit(sharding.traced_under(
       functools.partial(rl_step, config=model_config, optimizer=optimizer, settings=settings,
                         temperature=temperature, functional_ids=functional_ids, chunk=chunk,
-                        completion_length=n, skip=steps_lib.skip_mode(platform)),
+                        completion_length=n, skip=steps_lib.skip_mode(platform)), rules),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
       compiler_options=steps_lib.gradient_compiler_options(platform)))
 
@@ -196,6 +201,36 @@ def micro_batches(batch: dict, count: int, mesh) -> list[dict]:
                      f"do not split into optim.grad_accum = {count} micro-batches over "
                      f"{shards} batch shards")
   return list(_split(batch, count, mesh))
+
+
+def batch_logps(logps_fn, params, batch: dict, count: int, mesh):
+  """float32[R, ...]: the log-probs `logps_fn` (`old_logps_fn`'s) gives a whole rollout
+  batch, run in `count` micro-batches (`micro_batches`: whole groups for a grouped batch)
+  and put back in the batch's row order (the prediction layout, or the completion layout
+  of a grouped batch). The log-prob passes have no backward pass: they can take fewer,
+  larger micro-batches than the update (rl.logprob_micro_batches), and a grouped batch
+  each prompt once, whatever rl.shared_prefix_parts the update runs."""
+  micro = micro_batches(batch, count, mesh)
+  return _join(tuple(logps_fn(params, mb)[0] for mb in micro), _group(batch), mesh)
+
+
+def _group(batch: dict) -> int:
+  """Rows per micro-batch unit: a grouped batch's completions per prompt, else 1."""
+  if shared_prefix.is_grouped(batch):
+    return batch["completion_ids"].shape[0] // batch["prompt_ids"].shape[0]
+  return 1
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _join(parts: tuple, group: int, mesh):
+  """The inverse of `_split` / `_split_grouped` on per-row arrays [R / count, ...]: unit u
+  (a row, or a prompt's `group` completions) of part i back to unit u * count + i."""
+  if len(parts) == 1:
+    return parts[0]
+  units = [x.reshape(x.shape[0] // group, group, *x.shape[1:]) for x in parts]
+  x = jnp.stack(units, axis=1)  # [R / count / group, count, group, ...]
+  x = x.reshape(-1, *x.shape[3:])
+  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
