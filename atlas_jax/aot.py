@@ -60,7 +60,7 @@ from atlas_jax.model import abstract_params, from_size, param_shardings
 from atlas_jax.model import attention as attention_lib
 from atlas_jax.rl.update import old_logps_fn, rl_update_fn
 from atlas_jax.run import optimizer as optimizer_lib
-from atlas_jax.run import setup, shared_prefix
+from atlas_jax.run import setup
 from atlas_jax.sft.update import sft_step_fn
 
 GIB = 2**30
@@ -396,11 +396,8 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
     if name != "prefill":
       nbytes *= full_bytes / max(scanned_bytes, 1.0)
     logit_length = length if logit_length is None else logit_length
-    logit_chunk = min(chunk, logit_length)
-    if shared_prompts:  # the grouped batch's chunk (shared_prefix.token_logps)
-      logit_chunk = shared_prefix.logprob_chunk(chunk, rows // shared_prompts, logit_length)
-    chunks = logit_length // logit_chunk
-    flops += (logit_passes * (chunks - 1) * 2 * rows * logit_chunk
+    chunks = logit_length // min(chunk, logit_length)
+    flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
               * config.text.hidden_size * config.text.vocab_size / n_devices)
     if config.attention_impl == "splash":  # grouped: the prompts' and the completions'
       flops += splash_flops(config, name, rows=shared_prompts or rows,

@@ -536,12 +536,3 @@ def test_groups_split_in_parts_give_the_same_loss_and_gradients():
   flat.pop("ref_logp"), parts.pop("ref_logp")
   _assert_same(_loss_and_grads(parts, BASE), _loss_and_grads(flat, BASE))
 
-
-def test_the_log_prob_chunk_shrinks_with_the_completions_per_prompt():
-  """A grouped batch's LM-head chunk: train.logprob_chunk / G, the largest divisor of N up
-  to it, so that a chunk holds an unshared row's logits per prompt."""
-  assert shared_prefix.logprob_chunk(512, 4, 1024) == 128
-  assert shared_prefix.logprob_chunk(512, 8, 1024) == 64
-  assert shared_prefix.logprob_chunk(512, 1, 256) == 256
-  assert shared_prefix.logprob_chunk(64, 3, 64) == 16
-  assert shared_prefix.logprob_chunk(4, 8, 16) == 1

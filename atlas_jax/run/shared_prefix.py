@@ -14,7 +14,6 @@ completion token i (the unshared prediction layout's entry T - 1 + i).
   is_grouped       whether a batch is in this form
   positions        M-RoPE ids of the prompts and of the completions (continuing them)
   token_logps      log-probs and entropies float32[R, N] of the completions
-  logprob_chunk    the LM head's sequence chunk on a grouped batch
 """
 
 from __future__ import annotations
@@ -62,26 +61,11 @@ def hidden(config: ModelConfig, params, batch: dict):
   return jnp.concatenate([jnp.repeat(hp[:, -1:], g, axis=0), hc[:, :-1]], axis=1)
 
 
-def logprob_chunk(chunk: int, completions_per_prompt: int, n: int) -> int:
-  """The LM head's sequence chunk on a grouped batch with G completions per prompt and N
-  tokens each: train.logprob_chunk / G (the largest divisor of N up to it), so that a chunk's logits
-  float32[G, chunk / G, V] per prompt are as large as an unshared row's [1, chunk, V]
-  (G times `chunk` would hold G times the logits, and their softmax in the backward pass,
-  for no fewer FLOPs)."""
-  size = max(min(chunk // completions_per_prompt, n), 1)
-  while n % size:
-    size -= 1
-  return size
-
-
 def token_logps(config: ModelConfig, params, batch: dict, *, chunk: int,
                 temperature: float = 1.0):
   """Trainer log-probs and entropies float32[R, N] (completion layout) of a grouped
   rollout batch: `logprobs.token_logps` with completion_length N on the unshared rows,
-  computed with each prompt once. chunk: train.logprob_chunk (`logprob_chunk` scales it to
-  the completions per prompt)."""
-  r, n = batch["completion_ids"].shape
-  chunk = logprob_chunk(chunk, r // batch["prompt_ids"].shape[0], n)
+  computed with each prompt once. chunk: the LM head's sequence chunk (dividing N)."""
   stats = logprobs.chunked_token_stats(config, params, hidden(config, params, batch),
                                        batch["completion_ids"], chunk, temperature)
   return stats["logp"], stats["entropy"]
