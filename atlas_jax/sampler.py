@@ -5,9 +5,11 @@ Letters: B prompts, G samples per prompt, R = B*G rows, T prompt length (left-pa
 N max new tokens, S = T + N cache length, L layers, K kv heads, H head dim, V vocab.
 The prefill runs the scanned layers over a stacked cache and hands the decode loop a tuple
 of L per-layer caches {"k", "v"}: [R, K, S, H]; the decode step runs the layers unrolled
-over per-layer weights (split from the stack once per call) and writes each layer's
-[R, K, 1, H] slot in place (`text.decode_layers`), so a token never copies weights or
-cache.
+and writes each layer's [R, K, 1, H] slot in place (`text.decode_layers`), so a token
+never copies the cache. Its weights: split from the stack once per call where they are
+whole on each device; where they are sharded over fsdp, gathered one layer at a time at
+every token (`decode`'s one_layer_at_a_time), so sampling holds no more than the params'
+shards plus one layer.
 
 The loop state is an immutable dataclass; `SamplerSettings` holds only static, hashable
 settings. Log-probs returned are fp32, of the sampled token under the full-vocabulary,
@@ -29,6 +31,7 @@ from atlas_jax.model.config import ModelConfig
 
 CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
 LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's cache in the decode loop
+HEAD = ("lm_head", "embed")  # the params the LM head reads (untied or tied)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +164,23 @@ def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values
 
 
 def decode(config: ModelConfig, params, state: SamplerState, allowed,
-           settings: SamplerSettings) -> SamplerState:
-  """Generates until every row has stopped or N tokens exist (`lax.while_loop`)."""
+           settings: SamplerSettings, one_layer_at_a_time: bool = False) -> SamplerState:
+  """Generates until every row has stopped or N tokens exist (`lax.while_loop`).
+
+  one_layer_at_a_time (`weights_split_over_batch(params)` where a Sampler calls it): each
+  token all-gathers one layer's weights after the previous layer is done
+  (`text.decode_layers`), so the loop holds the params' shards plus one layer gathered. Off,
+  the layers are split from the stack once per call: XLA:CPU then hoists every layer's
+  slice, cast and all-gather out of the loop (one token reads each weight once, but the
+  loop holds the params again, gathered), which is right only when nothing is gathered. On
+  TPU XLA keeps the gathers in the loop by itself (the AOT report's decode)."""
   model = vlm.Qwen25VL(config)
   n = settings.max_new_tokens
   t = state.prompt_mask.shape[1]
   tc, dtype = config.text, jnp.dtype(config.dtype)
-  layer_params = text.split_layers(params["decoder"]["layers"], tc.num_hidden_layers)
+  layer_params = params["decoder"]["layers"]
+  if not one_layer_at_a_time:
+    layer_params = text.split_layers(layer_params, tc.num_hidden_layers)
 
   def cond(st: SamplerState):
     return (st.step < n) & ~jnp.all(st.done)
@@ -184,9 +197,15 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
                               method=vlm.Qwen25VL.decoder_inputs)
     hidden, cache = text.decode_layers(tc, dtype, layer_params,
                                        params["decoder"]["final_norm"], x, cos, sin,
-                                       keys[:, None, :], index, st.cache)
+                                       keys[:, None, :], index, st.cache,
+                                       one_layer_at_a_time=one_layer_at_a_time)
     cache = sharding.constrain(cache, LAYER_CACHE_AXES)
-    logits = model.apply({"params": params}, hidden[:, 0], method=vlm.Qwen25VL.logits)
+    head = params
+    if one_layer_at_a_time:  # the LM head's gather also waits for its input, in the loop
+      zero = text.unfoldable_zero(hidden)
+      head = {k: jax.tree.map(lambda w: jnp.where(zero > 0, 0, w), v) if k in HEAD else v
+              for k, v in params.items()}
+    logits = model.apply({"params": head}, hidden[:, 0], method=vlm.Qwen25VL.logits)
     rng, key = jax.random.split(st.rng)
     token, logp = _choose(logits, allowed, key, settings)
     tokens, logps, done = _record(st.tokens, st.logps, st.step, token, logp, st.done, settings)
@@ -194,6 +213,21 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
                       rng=rng)
 
   return jax.lax.while_loop(cond, body, state)
+
+
+def weights_split_over_batch(params) -> bool:
+  """Whether the decoder layers' weights are sharded over a batch axis of the mesh (fsdp or
+  data), so that a decode step must all-gather them: the decode then takes them one layer
+  at a time. params: arrays or ShapeDtypeStructs with NamedShardings."""
+  for leaf in jax.tree.leaves(params["decoder"]["layers"]):
+    sh = getattr(leaf, "sharding", None)
+    if not isinstance(sh, jax.sharding.NamedSharding):
+      continue
+    for axes in sh.spec:
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      if any(a in ("data", "fsdp") and sh.mesh.shape[a] > 1 for a in axes):
+        return True
+  return False
 
 
 def completion_mask(tokens, settings: SamplerSettings):
@@ -205,8 +239,8 @@ def completion_mask(tokens, settings: SamplerSettings):
 
 # Jitted once per (config, settings): every Sampler with the same settings shares them.
 jit_prefill = jax.jit(prefill, static_argnames=("config", "settings"), static_argnums=0)
-jit_decode = jax.jit(decode, static_argnames=("config", "settings"), static_argnums=0,
-                      donate_argnums=2)
+jit_decode = jax.jit(decode, static_argnames=("config", "settings", "one_layer_at_a_time"),
+                     static_argnums=0, donate_argnums=2)
 
 
 class Sampler:
@@ -224,7 +258,8 @@ class Sampler:
     state = jit_prefill(self.config, params, batch["input_ids"], batch["attention_mask"],
                          batch.get("pixel_values"), batch.get("image_grid_thw"), rng,
                          self.allowed, settings=self.settings)
-    state = jit_decode(self.config, params, state, self.allowed, settings=self.settings)
+    state = jit_decode(self.config, params, state, self.allowed, settings=self.settings,
+                       one_layer_at_a_time=weights_split_over_batch(params))
     mask = completion_mask(state.tokens, self.settings)
     return {"tokens": state.tokens, "mask": mask, "logps": state.logps * mask}
 

@@ -24,8 +24,9 @@ evaluation batch (the sampler's prefill and decode) and one compiled SFT step
 `hf.load` and `functional_tokens.extend_vocab` are timed by wrapping the module functions
 `setup.load_model` calls; nothing else is replaced. Each phase's peak is the process's
 resident-memory high-water mark (VmHWM, reset through /proc/self/clear_refs at every phase
-change). The same run on the tiny model is subtracted, so the figure is what the model's
-size costs; it is given as a multiple of the model's float32 bytes, next to the phase's
+change). The same run on the tiny model (the tiny widths at the audited shape's layer
+counts: the same graphs to compile, so compilation's own memory cancels) is subtracted,
+so the figure is what the model's size costs; it is given as a multiple of the model's float32 bytes, next to the phase's
 floor: the process's share (1/N) of what the phase must hold, the params for read,
 placement, extension and evaluation, params + gradients + both Adam moments (float32) for
 the SFT step.
@@ -37,6 +38,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -70,9 +72,10 @@ SHAPES = {
     "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size="tokenizer"),
              dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2)),
-    # 0.17B; each vocabulary matrix ~5% of the params, as Qwen2.5-VL-7B's 6.5%.
-    "test": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=10,
-                  num_attention_heads=16, num_key_value_heads=2, vocab_size=8192),
+    # 0.18B in 20 layers (a layer is 5% of the params: the decode holds one gathered, as
+    # a real model's 28-80 layers make it 1-4%); each vocabulary matrix ~3.5%.
+    "test": (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=20,
+                  num_attention_heads=12, num_key_value_heads=2, vocab_size=8192),
              dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4)),
     # The "before" figures of the README were measured at this one (vocabulary ~17% each).
     "small": (dict(hidden_size=896, intermediate_size=2432, num_hidden_layers=12,
@@ -96,17 +99,26 @@ FLOOR_UNITS = {"read": 1.0, "placement": 1.0, "vocabulary extension": 1.0,
                "first evaluation batch": 1.0, "first SFT step": 4.0}
 
 
-def write_model(path: str, size: str, file_dtype: str = "float32") -> int:
+def write_model(path: str, size: str, file_dtype: str = "float32",
+                depth_of: str | None = None) -> int:
   """A random HF directory of shape `size` with the tiny tokenizer at `path` (kept if it
-  is already there). Returns the parameter count."""
+  is already there); depth_of: another shape whose text and vision layer counts it takes.
+  Returns the parameter count."""
+  text, vision = (dict(x) for x in SHAPES[size])
+  if depth_of is not None:
+    text["num_hidden_layers"] = SHAPES[depth_of][0]["num_hidden_layers"]
+    vision["depth"] = SHAPES[depth_of][1]["depth"]
   done = os.path.join(path, "audit.json")
   if os.path.isfile(done):
     with open(done) as f:
-      return json.load(f)["parameters"]
+      kept = json.load(f)
+    if kept.get("shape") == [text, vision] and kept.get("file_dtype") == file_dtype:
+      return kept["parameters"]
+    shutil.rmtree(path)  # another shape's files
   from atlas_jax import random_checkpoint
   from atlas_jax.data.tokenizer import build_tokenizer
   tok = build_tokenizer(path)
-  text, vision = (dict(x) for x in SHAPES[size])
+  shape = [dict(text), dict(vision)]
   if text["vocab_size"] == "tokenizer":
     text["vocab_size"] = len(tok) + len(tok) % 2
   cfg = random_checkpoint.hf_config(text, vision, **{
@@ -119,7 +131,7 @@ def write_model(path: str, size: str, file_dtype: str = "float32") -> int:
   count = sum(p.numel() for p in model.parameters())
   del model
   with open(done, "w") as f:
-    json.dump({"parameters": count, "size": size, "file_dtype": file_dtype}, f)
+    json.dump({"parameters": count, "size": size, "file_dtype": file_dtype, "shape": shape}, f)
   return count
 
 
@@ -344,11 +356,12 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
 def audit(size: str, *, processes: int = 2, devices: int = 4, tensor: int = 2,
           file_dtype: str = "float32", model_dir: str = "", timeout: float = 1800,
           env: dict | None = None, steps: bool = True) -> Result:
-  """The audit of one shape (the tiny model's run first). Returns a Result."""
+  """The audit of one shape (the tiny model's run first: the tiny widths at `size`'s layer
+  counts, so that both compile the same graphs). Returns a Result."""
   model_dir = model_dir or tempfile.mkdtemp(prefix="memory_audit_")
-  tiny = os.path.join(model_dir, f"tiny_{file_dtype}")
+  tiny = os.path.join(model_dir, f"tiny_as_{size}_{file_dtype}")
   big = os.path.join(model_dir, f"{size}_{file_dtype}")
-  write_model(tiny, "tiny", file_dtype)
+  write_model(tiny, "tiny", file_dtype, depth_of=size)
   parameters = write_model(big, size, file_dtype)
   tiny_runs = run_processes(tiny, processes, devices, tensor, timeout, env, steps)
   runs = run_processes(big, processes, devices, tensor, timeout, env, steps)

@@ -39,13 +39,13 @@ def optimized_compiles(level: int = 1):
   from atlas_jax.run import steps
   option = {"xla_backend_optimization_level": level}
   options = steps.gradient_compiler_options
-  jit = lambda fn, donate: jax.jit(fn, static_argnames=("config", "settings"),
-                                   static_argnums=0, donate_argnums=donate,
-                                   compiler_options=option)
+  jit = lambda fn, donate, *static: jax.jit(fn, static_argnames=("config", "settings") + static,
+                                            static_argnums=0, donate_argnums=donate,
+                                            compiler_options=option)
   with mock.patch.object(steps, "gradient_compiler_options",
                          lambda platform: {**(options(platform) or {}), **option}), \
        mock.patch.object(sampler, "jit_prefill", jit(sampler.prefill, ())), \
-       mock.patch.object(sampler, "jit_decode", jit(sampler.decode, 2)):
+       mock.patch.object(sampler, "jit_decode", jit(sampler.decode, 2, "one_layer_at_a_time")):
     yield
 
 

@@ -28,6 +28,7 @@ from atlas_jax.model import forward, init_params, param_shardings  # noqa: E402
 from atlas_jax.run import optimizer as optimizer_lib  # noqa: E402
 from atlas_jax.sft.update import sft_step  # noqa: E402
 from atlas_jax.run.state import TrainState  # noqa: E402
+from atlas_jax import sampler as sampler_lib  # noqa: E402
 from atlas_jax.sampler import Sampler, SamplerSettings  # noqa: E402
 from atlas_jax.rl import grpo  # noqa: E402
 from atlas_jax.rl.update import rl_step  # noqa: E402
@@ -173,6 +174,7 @@ def run(mesh_shape):
   with sharding.with_rules(mesh, sharding.RULES):
     sampled = sampler.sample(params, prompts, jax.random.key(0))
   out["sample_tokens_shard_shape"] = list(sampled["tokens"].addressable_shards[0].data.shape)
+  out["decode_one_layer_at_a_time"] = sampler_lib.weights_split_over_batch(params)
   # An activation constraint under the training rules: [8 rows, 4, 16 features].
   with sharding.with_rules(mesh, sharding.RULES):
     constrained = jax.jit(lambda x: sharding.constrain(
@@ -202,6 +204,7 @@ def main():
     report[name].update(
         loss_value=float(r["loss"]), q_shard_shape=r["q_shard_shape"],
         sample_tokens_shard_shape=r["sample_tokens_shard_shape"],
+        decode_one_layer_at_a_time=r["decode_one_layer_at_a_time"],
         constrained_shard_shape=r["constrained_shard_shape"],
         rl_loss_value=r["rl_loss"].tolist(), rl_anchor_value=r["rl_anchor_loss"].tolist(),
         rl_grad_norm_value=r["rl_grad_norm"].tolist(),

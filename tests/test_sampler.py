@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from atlas_jax import hf
+from atlas_jax import sampler as sampler_lib
 from atlas_jax.model import vlm
 from atlas_jax.sampler import Sampler, SamplerSettings
 from tests import factories as F
@@ -105,6 +106,25 @@ def test_blocked_ids_are_never_sampled_and_rows_stop(model):
     stops = np.isin(tokens[r, :k], settings.stop_ids)
     assert stops.sum() <= 1 and (not stops.any() or stops[-1])  # ends at its first stop
     assert (tokens[r, k:] == 2).all()
+
+
+def test_one_layer_at_a_time_decodes_the_same(model):
+  """The decode that gathers one layer's weights per token (fsdp meshes) samples what the
+  decode over weights split once per call samples: the same tokens, the same log-probs."""
+  _, config, params = model
+  rng = np.random.default_rng(7)
+  ids, mask = F.pad_batch([F.prompt_ids(rng, [6]), F.prompt_ids(rng, [3])], ["left", "left"])
+  settings = SamplerSettings(max_new_tokens=12, temperature=1.0, samples_per_prompt=2,
+                             stop_ids=(EOS,), pad_id=2)
+  allowed = jnp.asarray(_allowed(config.text.vocab_size))
+  state = sampler_lib.jit_prefill(config, params, ids, mask, None, None, jax.random.key(3),
+                                  allowed, settings=settings)
+  out = [sampler_lib.jit_decode(config, params, jax.tree.map(jnp.copy, state), allowed,
+                                settings=settings, one_layer_at_a_time=flag)
+         for flag in (False, True)]
+  np.testing.assert_array_equal(np.asarray(out[0].tokens), np.asarray(out[1].tokens))
+  np.testing.assert_allclose(np.asarray(out[0].logps), np.asarray(out[1].logps), atol=1e-6)
+  assert not sampler_lib.weights_split_over_batch(params)  # one device: split once
 
 
 @pytest.mark.slow

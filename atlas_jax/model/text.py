@@ -125,18 +125,39 @@ def split_layers(layer_params, num_layers: int) -> tuple:
   return tuple(jax.tree.map(lambda x, i=i: x[i], layer_params) for i in range(num_layers))
 
 
-def decode_layers(config: TextConfig, dtype, layer_params: tuple, final_norm, x, cos, sin,
-                  mask, cache_index, caches: tuple):
-  """`Decoder` with a cache, its layers unrolled over per-layer params and caches (the
-  decode step).
+def unfoldable_zero(x) -> jax.Array:
+  """int32 0 computed from x (1 if x's first element is NaN, where the result is NaN
+  anyway): a value the compiler cannot fold, so whatever is indexed or selected by it is
+  computed after x, in the loop that computes x."""
+  return jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
 
-  layer_params: `split_layers` of params["decoder"]["layers"]; final_norm:
+
+def decode_layers(config: TextConfig, dtype, layer_params, final_norm, x, cos, sin, mask,
+                  cache_index, caches: tuple, *, one_layer_at_a_time: bool = False):
+  """`Decoder` with a cache, its layers unrolled over per-layer caches (the decode step).
+
+  layer_params: `split_layers` of params["decoder"]["layers"] (a tuple of L per-layer
+  pytrees), or the stacked params themselves with `one_layer_at_a_time`: each layer then
+  takes its slice of the stack only once the previous layer's output exists, so inside a
+  decode loop neither the slices nor their casts and all-gathers can be hoisted out of the
+  loop or started early: a token holds one layer's gathered weights at a time instead of
+  every layer's for the whole loop. final_norm:
   params["decoder"]["final_norm"]; caches: L x {"k", "v"}: [B, K, S, H]. x: float[B, T, D]
   embeddings. Returns (final-norm hidden states float[B, T, D], the updated caches).
   """
   layer = DecoderLayer(config, dtype)
   new = []
-  for p, cache in zip(layer_params, caches, strict=True):
+  for i, cache in enumerate(caches):
+    if one_layer_at_a_time:
+      # Layer i's index read from x: its weights' slice and all-gather cannot start before
+      # the previous layer's output exists, nor be hoisted out of a loop. (An optimization
+      # barrier does not survive XLA:CPU's pipeline: its scheduler started every layer's
+      # all-gather at the top of the loop.)
+      at = i + unfoldable_zero(x)
+      p = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, at, 0, keepdims=False),
+                       layer_params)
+    else:
+      p = layer_params[i]
     (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index, None)
     new.append(cache)
   norm = layers.RMSNorm(config.rms_norm_eps, dtype)
