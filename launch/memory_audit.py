@@ -9,8 +9,9 @@ A random Qwen2.5-VL of the chosen shape is written in HF layout (`atlas_jax.rand
 with the tiny tokenizer; cached under --model_dir), then N jax.distributed CPU processes of D
 devices each (mesh fsdp x tensor over all N*D; the settings every recipe takes at a
 published size, `config.at_published_size`: bfloat16 compute, full remat, float32 Adam
-moments) run, as `launch.train` and `launch.evaluate` do, `run.setup.load_model` on it, one
-evaluation batch (the sampler's prefill and decode) and one compiled SFT step
+moments) run, as `launch.train` and `launch.evaluate` do, `run.setup.load_model` on it, an
+HF export of what it loaded, one evaluation batch (the sampler's prefill and decode) and
+one compiled SFT step
 (`sft.update.sft_step_fn` on the state `setup.create_state` builds). Phases, in order:
 
   read                    `hf.load` (the safetensors reads and, where it places them, the
@@ -18,18 +19,23 @@ evaluation batch (the sampler's prefill and decode) and one compiled SFT step
   placement               `setup.load_model` before the extension (config, shardings)
   vocabulary extension    `functional_tokens.extend_vocab` (the five functional tokens) and
                           the rest of `setup.load_model` (its device_put to the shardings)
+  export                  `hf.save` of the params as loaded (bfloat16 files, --shard_size):
+                          one tensor gathered at a time; process 0 also holds the file
+                          shard it fills
   first evaluation batch  the sampler's compile and one greedy batch
   first SFT step          the optimizer state, the step's compile and one step
 
 `hf.load` and `functional_tokens.extend_vocab` are timed by wrapping the module functions
 `setup.load_model` calls; nothing else is replaced. Each phase's peak is the process's
 resident-memory high-water mark (VmHWM, reset through /proc/self/clear_refs at every phase
-change). The same run on the tiny model (the tiny widths at the audited shape's layer
+change, after freed memory the allocator kept is returned: a phase is not charged for the
+previous one's garbage). The same run on the tiny model (the tiny widths at the audited shape's layer
 counts: the same graphs to compile, so compilation's own memory cancels) is subtracted,
 so the figure is what the model's size costs; it is given as a multiple of the model's float32 bytes, next to the phase's
 floor: the process's share (1/N) of what the phase must hold, the params for read,
-placement, extension and evaluation, params + gradients + both Adam moments (float32) for
-the SFT step.
+placement, extension, evaluation and export, params + gradients + both Adam moments
+(float32) for the SFT step. What an export may hold beyond that is given beside the table:
+the largest whole tensor and its bfloat16 copy, and on process 0 the shard it fills.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ flags.DEFINE_string("model_dir", "", "Where the random HF directories are kept (
                     "temporary directory).")
 flags.DEFINE_bool("steps", True, "Also take the first evaluation batch and SFT step (False: "
                   "the import's phases only).")
+flags.DEFINE_string("shard_size", "100MB", "The export's safetensors shard size (hf.save's "
+                    "max_shard_size).")
 flags.DEFINE_string("json_out", "", "Also write the figures here as JSON.")
 flags.DEFINE_integer("timeout", 1800, "Seconds each multi-process run may take.")
 flags.DEFINE_string("worker", "", "(internal) run one process: JSON arguments.")
@@ -92,11 +100,11 @@ SHAPES = {
            dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16)),
 }
 
-PHASES = ("read", "placement", "vocabulary extension", "first evaluation batch",
+PHASES = ("read", "placement", "vocabulary extension", "export", "first evaluation batch",
           "first SFT step")
 # What a phase must hold, in params' float32 bytes, over all processes together.
 FLOOR_UNITS = {"read": 1.0, "placement": 1.0, "vocabulary extension": 1.0,
-               "first evaluation batch": 1.0, "first SFT step": 4.0}
+               "first evaluation batch": 1.0, "first SFT step": 4.0, "export": 1.0}
 
 
 def write_model(path: str, size: str, file_dtype: str = "float32",
@@ -145,6 +153,15 @@ def _high_water() -> int:
 
 
 def _reset_high_water() -> None:
+  """Starts a phase from what is live: freed memory the allocator kept goes back to the
+  system first (glibc's malloc_trim), then the high-water mark restarts from there."""
+  import ctypes
+  import gc
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc: the retained memory stays counted
+    pass
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 
@@ -244,6 +261,15 @@ def worker(args: dict) -> dict:
   if not args["steps"]:
     peaks.enter(None)
     return {"process": jax.process_index(), "peaks": peaks.peaks}
+  # The export next (before the steps, whose freed memory the allocator may keep resident),
+  # of the params as loaded: what `launch.convert --direction=orbax_to_hf` does.
+  peaks.enter("export")
+  with tempfile.TemporaryDirectory() as out:
+    hf.save(config, params, tokenizer, out, max_shard_size=args["shard_size"])
+  stacked = lambda path: any(k in jax.tree_util.keystr(path) for k in ("layers", "blocks"))
+  largest = int(max(x.size // x.shape[0] if stacked(path) else x.size
+                    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]))
+
   peaks.enter("first evaluation batch")
   rows = c.data.batch_size // jax.process_count()
   sft_batch, eval_batch = _batch(tokenizer, config, rows, 128)
@@ -267,7 +293,7 @@ def worker(args: dict) -> dict:
   peaks.enter(None)
   count = sum(x.size for x in jax.tree.leaves(state.params))
   return {"process": jax.process_index(), "peaks": peaks.peaks, "loss": loss,
-          "parameters_after_extension": int(count)}
+          "parameters_after_extension": int(count), "largest_tensor": largest}
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +312,13 @@ class Result:
   file_dtype: str
   peaks: list[dict]       # per process: phase -> bytes
   tiny_peaks: list[dict]
+  largest_tensor: int = 0  # elements of the largest whole tensor an export gathers
+  shard_bytes: int = 0     # the export's max_shard_size
+
+  def export_in_flight(self, process: int) -> int:
+    """Bytes an export may hold beyond the params' share: the largest tensor gathered in
+    float32 and its bfloat16 copy, and on process 0 the file shard it fills."""
+    return 6 * self.largest_tensor + (self.shard_bytes if process == 0 else 0)
 
   @property
   def phases(self) -> tuple[str, ...]:
@@ -317,6 +350,10 @@ class Result:
       cells = "".join(f"{self.fraction(p, phase):>11.2f} ({self.excess(p, phase) / 2**30:5.2f})"
                       for p in range(self.processes))
       lines.append(f"{phase:<24}{self.floor(phase):>8.2f}{cells}")
+    if "export" in self.phases:
+      lines.append(f"export in flight beyond the floor: {6 * self.largest_tensor / 2**30:.2f} "
+                   "GiB (the largest tensor, float32 and bfloat16), and on process 0 the "
+                   f"file shard it fills, up to {self.shard_bytes / 2**30:.2f} GiB")
     return "\n".join(lines)
 
   def to_json(self) -> dict:
@@ -327,7 +364,8 @@ class Result:
 
 
 def run_processes(path: str, processes: int, devices: int, tensor: int,
-                  timeout: float, env: dict | None = None, steps: bool = True) -> list[dict]:
+                  timeout: float, env: dict | None = None, steps: bool = True,
+                  shard_size: str = "100MB") -> list[dict]:
   """The worker in `processes` jax.distributed CPU processes of `devices` devices each."""
   import socket
   with socket.socket() as s:
@@ -343,7 +381,8 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
       f" --xla_force_host_platform_device_count={devices}"
   commands = [[sys.executable, "-m", "launch.memory_audit", "--worker=" + json.dumps(dict(
       path=path, tensor=tensor, processes=processes, process_id=i,
-      coordinator=f"localhost:{port}", steps=steps))] for i in range(processes)]
+      coordinator=f"localhost:{port}", steps=steps, shard_size=shard_size))]
+      for i in range(processes)]
   results = []
   for i, (code, out, err) in enumerate(processes_lib.run_together(
       commands, cwd=root, env=env, timeout=timeout)):
@@ -355,7 +394,7 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
 
 def audit(size: str, *, processes: int = 2, devices: int = 4, tensor: int = 2,
           file_dtype: str = "float32", model_dir: str = "", timeout: float = 1800,
-          env: dict | None = None, steps: bool = True) -> Result:
+          env: dict | None = None, steps: bool = True, shard_size: str = "100MB") -> Result:
   """The audit of one shape (the tiny model's run first: the tiny widths at `size`'s layer
   counts, so that both compile the same graphs). Returns a Result."""
   model_dir = model_dir or tempfile.mkdtemp(prefix="memory_audit_")
@@ -363,10 +402,13 @@ def audit(size: str, *, processes: int = 2, devices: int = 4, tensor: int = 2,
   big = os.path.join(model_dir, f"{size}_{file_dtype}")
   write_model(tiny, "tiny", file_dtype, depth_of=size)
   parameters = write_model(big, size, file_dtype)
-  tiny_runs = run_processes(tiny, processes, devices, tensor, timeout, env, steps)
-  runs = run_processes(big, processes, devices, tensor, timeout, env, steps)
+  tiny_runs = run_processes(tiny, processes, devices, tensor, timeout, env, steps, shard_size)
+  runs = run_processes(big, processes, devices, tensor, timeout, env, steps, shard_size)
+  from atlas_jax.hf import parse_size
   return Result(size, parameters, processes, devices, tensor, file_dtype,
-                [r["peaks"] for r in runs], [r["peaks"] for r in tiny_runs])
+                [r["peaks"] for r in runs], [r["peaks"] for r in tiny_runs],
+                largest_tensor=runs[0].get("largest_tensor", 0),
+                shard_bytes=parse_size(shard_size) if steps else 0)
 
 
 def main(argv):
@@ -376,7 +418,7 @@ def main(argv):
     return
   result = audit(FLAGS.size, processes=FLAGS.processes, devices=FLAGS.devices,
                  tensor=FLAGS.tensor, file_dtype=FLAGS.file_dtype, model_dir=FLAGS.model_dir,
-                 timeout=FLAGS.timeout, steps=FLAGS.steps)
+                 timeout=FLAGS.timeout, steps=FLAGS.steps, shard_size=FLAGS.shard_size)
   print(result.table())
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

@@ -1,8 +1,9 @@
 """The memory audit (`launch.memory_audit`) at a 0.18B model in 2 processes x 4 devices:
 importing the HF directory (read, placement, vocabulary extension), the first evaluation
-batch (the sampler's prefill and decode) and the first SFT step each hold no more than
-the process's share of what the phase must hold (1.25x its floor, plus a small constant for
-the run's noise and one layer's gathered weights)."""
+batch (the sampler's prefill and decode), the first SFT step and the HF export each hold no
+more than the process's share of what the phase must hold (1.25x its floor, plus a small
+constant for the run's noise and one layer's gathered weights; the export also its largest
+tensor and, on process 0, the file shard it fills)."""
 
 import os
 
@@ -16,6 +17,7 @@ from tests import factories as F
 CONSTANT = 160 * 2**20
 LOAD = ("read", "placement", "vocabulary extension")
 STEPS = ("first evaluation batch", "first SFT step")
+EXPORT = ("export",)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,8 @@ def _over(result, phases) -> list[str]:
   for process in range(result.processes):
     for phase in phases:
       allowed = 1.25 * result.floor(phase) * result.model_bytes + CONSTANT
+      if phase == "export":
+        allowed += result.export_in_flight(process)
       if result.excess(process, phase) > allowed:
         over.append(f"process {process}, {phase}: {result.fraction(process, phase):.2f}x the "
                     f"model's float32 bytes, floor {result.floor(phase):.2f}x")
@@ -48,3 +52,9 @@ def test_the_import_holds_only_each_process_share(result):
 @pytest.mark.slow
 def test_the_first_steps_hold_only_each_process_share(result):
   assert not _over(result, STEPS), "\n".join(_over(result, STEPS)) + "\n" + result.table()
+
+
+@pytest.mark.slow
+def test_the_export_holds_its_share_and_one_tensor(result):
+  assert result.shard_bytes and result.largest_tensor
+  assert not _over(result, EXPORT), "\n".join(_over(result, EXPORT)) + "\n" + result.table()
