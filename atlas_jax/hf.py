@@ -425,11 +425,19 @@ def parse_size(size: int | str) -> int:
 
 
 def _to_host(x) -> np.ndarray:
-  """One tensor to host memory; gathers across processes when it is not fully local."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
+  """One tensor to host memory; gathers across processes when it is not fully local, in
+  as many row blocks as the process has devices: the gather replicates what it gathers on
+  every device, so a process holds about one more copy of the tensor on its devices, not
+  one per device."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  rows = x.shape[0] if x.ndim else 1
+  step = -(-rows // jax.local_device_count())
+  if x.ndim == 0 or step >= rows:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.concatenate([np.asarray(multihost_utils.process_allgather(x[i:i + step], tiled=True))
+                         for i in range(0, rows, step)])
 
 
 def iter_hf_tensors(config: config_lib.ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:

@@ -264,8 +264,9 @@ def worker(args: dict) -> dict:
   # The export next (before the steps, whose freed memory the allocator may keep resident),
   # of the params as loaded: what `launch.convert --direction=orbax_to_hf` does.
   peaks.enter("export")
-  with tempfile.TemporaryDirectory() as out:
-    hf.save(config, params, tokenizer, out, max_shard_size=args["shard_size"])
+  with tempfile.TemporaryDirectory() as scratch:
+    hf.save(config, params, tokenizer, args.get("export_dir") or scratch,
+            max_shard_size=args["shard_size"])
   stacked = lambda path: any(k in jax.tree_util.keystr(path) for k in ("layers", "blocks"))
   largest = int(max(x.size // x.shape[0] if stacked(path) else x.size
                     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]))
@@ -365,7 +366,7 @@ class Result:
 
 def run_processes(path: str, processes: int, devices: int, tensor: int,
                   timeout: float, env: dict | None = None, steps: bool = True,
-                  shard_size: str = "100MB") -> list[dict]:
+                  shard_size: str = "100MB", export_dir: str = "") -> list[dict]:
   """The worker in `processes` jax.distributed CPU processes of `devices` devices each."""
   import socket
   with socket.socket() as s:
@@ -381,7 +382,8 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
       f" --xla_force_host_platform_device_count={devices}"
   commands = [[sys.executable, "-m", "launch.memory_audit", "--worker=" + json.dumps(dict(
       path=path, tensor=tensor, processes=processes, process_id=i,
-      coordinator=f"localhost:{port}", steps=steps, shard_size=shard_size))]
+      coordinator=f"localhost:{port}", steps=steps, shard_size=shard_size,
+      export_dir=export_dir))]
       for i in range(processes)]
   results = []
   for i, (code, out, err) in enumerate(processes_lib.run_together(
@@ -394,16 +396,19 @@ def run_processes(path: str, processes: int, devices: int, tensor: int,
 
 def audit(size: str, *, processes: int = 2, devices: int = 4, tensor: int = 2,
           file_dtype: str = "float32", model_dir: str = "", timeout: float = 1800,
-          env: dict | None = None, steps: bool = True, shard_size: str = "100MB") -> Result:
+          env: dict | None = None, steps: bool = True, shard_size: str = "100MB",
+          export_dir: str = "") -> Result:
   """The audit of one shape (the tiny model's run first: the tiny widths at `size`'s layer
-  counts, so that both compile the same graphs). Returns a Result."""
+  counts, so that both compile the same graphs). export_dir: where the audited model's
+  export is kept (default: a temporary directory, removed). Returns a Result."""
   model_dir = model_dir or tempfile.mkdtemp(prefix="memory_audit_")
   tiny = os.path.join(model_dir, f"tiny_as_{size}_{file_dtype}")
   big = os.path.join(model_dir, f"{size}_{file_dtype}")
   write_model(tiny, "tiny", file_dtype, depth_of=size)
   parameters = write_model(big, size, file_dtype)
   tiny_runs = run_processes(tiny, processes, devices, tensor, timeout, env, steps, shard_size)
-  runs = run_processes(big, processes, devices, tensor, timeout, env, steps, shard_size)
+  runs = run_processes(big, processes, devices, tensor, timeout, env, steps, shard_size,
+                       export_dir)
   from atlas_jax.hf import parse_size
   return Result(size, parameters, processes, devices, tensor, file_dtype,
                 [r["peaks"] for r in runs], [r["peaks"] for r in tiny_runs],

@@ -23,9 +23,11 @@ EXPORT = ("export",)
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   env = dict(os.environ, XLA_FLAGS=F.xla_flags())
+  model_dir = tmp_path_factory.mktemp("audit")
   result = memory_audit.audit("test", processes=2, devices=4, tensor=2,
-                              model_dir=str(tmp_path_factory.mktemp("audit")), timeout=900,
-                              env=env)
+                              model_dir=str(model_dir), timeout=900, env=env,
+                              export_dir=str(model_dir / "export"))
+  result.model_dir = model_dir
   print("\n" + result.table())
   return result
 
@@ -58,3 +60,35 @@ def test_the_first_steps_hold_only_each_process_share(result):
 def test_the_export_holds_its_share_and_one_tensor(result):
   assert result.shard_bytes and result.largest_tensor
   assert not _over(result, EXPORT), "\n".join(_over(result, EXPORT)) + "\n" + result.table()
+
+
+@pytest.mark.slow
+def test_the_two_process_export_is_the_source_model(result):
+  """Every tensor the two processes exported (bfloat16, in shards of --shard_size) is the
+  source file's, rounded to bfloat16; the functional tokens' embedding and LM-head rows
+  are the extension's (new), every other row the source's."""
+  import glob
+
+  import ml_dtypes
+  import numpy as np
+  from safetensors.numpy import load_file
+
+  from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
+  from transformers import AutoTokenizer
+  source_dir, export_dir = result.model_dir / "test_float32", result.model_dir / "export"
+  load = lambda d: {k: v for f in sorted(glob.glob(str(d / "*.safetensors")))
+                    for k, v in load_file(f).items()}
+  source, exported = load(source_dir), load(export_dir)
+  assert len(glob.glob(str(export_dir / "*.safetensors"))) > 1  # sharded
+  assert set(source) == set(exported)
+  new_rows = AutoTokenizer.from_pretrained(str(export_dir)).convert_tokens_to_ids(
+      list(FUNCTIONAL_TOKENS))
+  for key, want in source.items():
+    want = want.astype(ml_dtypes.bfloat16)
+    got = exported[key]
+    assert got.dtype == want.dtype and got.shape == want.shape, key
+    if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+      keep = np.ones(len(want), bool)
+      keep[new_rows] = False
+      got, want = got[keep], want[keep]
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16), err_msg=key)
