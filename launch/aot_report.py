@@ -6,6 +6,11 @@ From a recipe (the step functions `launch.train` builds from the same config):
   python -m launch.aot_report --config=configs/sft.py:qwen2.5-vl-7b --topology=v5e:4x4
   python -m launch.aot_report --config=configs/rl.py:qwen2.5-vl-72b --topology=v5p:2x2x4 \
       --config.optim.moments_dtype=bfloat16 --output=/tmp/rl72b.jsonl
+  python -m launch.aot_report --config=configs/rl.py:qwen2.5-vl-7b:shared --topology=v5e:4x4 \
+      --steps=la-grpo
+
+An RL recipe's table ends with the training passes' seconds per RL step (each step's
+roofline time x its calls: `aot.rl_step_totals`), and the sampler's where compiled.
 
 From flags (a base config with these fields; sampler = prefill + decode, la-grpo = the
 old-logp pass + the update over prompts x group_size rows of --length tokens):

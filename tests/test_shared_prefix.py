@@ -536,3 +536,22 @@ def test_groups_split_in_parts_give_the_same_loss_and_gradients():
   flat.pop("ref_logp"), parts.pop("ref_logp")
   _assert_same(_loss_and_grads(parts, BASE), _loss_and_grads(flat, BASE))
 
+
+
+def test_the_shared_recipe_variant():
+  """configs/rl.py:<size>:shared: grouped passes, the update's groups in parts with one
+  group per batch shard per micro-batch, the log-prob passes on whole groups, sequence
+  parallel; the same rollouts and updates per step as the plain recipe."""
+  from atlas_jax import config as config_lib
+  from configs import rl as rl_recipe
+  plain = rl_recipe.get_config("qwen2.5-vl-7b")
+  c = rl_recipe.get_config("qwen2.5-vl-7b:shared")
+  config_lib.validate(c)
+  assert c.model.size == "qwen2.5-vl-7b" and not plain.rl.shared_prefix
+  assert (c.rl.shared_prefix, c.rl.shared_prefix_parts, c.rl.sequence_parallel) == (True, 4, True)
+  assert c.rl.prompts_per_step * c.rl.shared_prefix_parts // c.optim.grad_accum == \
+      c.data.batch_size  # one group per batch shard
+  assert config_lib.logprob_micro_batches(c) == 16  # each prompt once, 4 per micro-batch
+  assert c.train.steps // c.optim.grad_accum == plain.train.steps // plain.optim.grad_accum
+  with pytest.raises(ValueError, match="variant"):
+    rl_recipe.get_config("qwen2.5-vl-7b:grouped")
