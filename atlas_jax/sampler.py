@@ -3,10 +3,12 @@ prompt), then a `lax.while_loop` decode over an explicit, static KV cache.
 
 Letters: B prompts, G samples per prompt, R = B*G rows, T prompt length (left-padded),
 N max new tokens, S = T + N cache length, L layers, K kv heads, H head dim, V vocab.
-The prefill runs the scanned layers over a stacked cache and hands the decode loop a tuple
-of L per-layer caches {"k", "v"}: [R, K, S, H]; the decode step runs the layers unrolled
-and writes each layer's [R, K, 1, H] slot in place (`text.decode_layers`), so a token
-never copies the cache. Its weights: split from the stack once per call where they are
+The prefill's layer scan returns each layer's prompt keys and values [L, B, K, T, H], from
+which it writes, once each, the tuple of L per-layer caches {"k", "v"}: [R, K, S, H] it
+hands the decode loop (repeated G times, zeros in the N new tokens' slots; no stacked
+S-slot cache is ever held); the decode step runs the layers unrolled and writes each
+layer's [R, K, 1, H] slot in place (`text.decode_layers`), so a token never copies the
+cache. Its weights: split from the stack once per call where they are
 whole on each device; where they are sharded over fsdp, gathered one layer at a time at
 every token (`decode`'s one_layer_at_a_time), so sampling holds no more than the params'
 shards plus one layer.
@@ -29,6 +31,7 @@ from atlas_jax import functional_tokens, sharding
 from atlas_jax.model import rope, text, vlm
 from atlas_jax.model.config import ModelConfig
 
+# The prefill's keys and values [L, B, K, T, H]; one layer's cache [R, K, S, H].
 CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
 LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's cache in the decode loop
 HEAD = ("lm_head", "embed")  # the params the LM head reads (untied or tied)
@@ -127,29 +130,25 @@ def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values
   input_ids, attention_mask: int32[B, T], left-padded. pixel_values / image_grid_thw: in
   the batch-major form (float32[B, P, C], int32[B, I, 3]) or None. allowed: bool[V].
   """
-  b, t = input_ids.shape
+  b = input_ids.shape[0]
   g, n = settings.samples_per_prompt, settings.max_new_tokens
-  s = t + n
   model = vlm.Qwen25VL(config)
   grid = None if image_grid_thw is None else image_grid_thw.reshape(-1, 3)
   position_ids, deltas = rope.get_rope_index(
       input_ids, attention_mask, grid, image_token_id=config.image_token_id,
       spatial_merge_size=config.vision.spatial_merge_size, xp=jnp)
-  tc = config.text
-  dtype = jnp.dtype(config.dtype)
-  cache_shape = (tc.num_hidden_layers, b, tc.num_key_value_heads, s, tc.head_dim)
-  cache = {"k": jnp.zeros(cache_shape, dtype), "v": jnp.zeros(cache_shape, dtype)}
-  cache = sharding.constrain(cache, CACHE_AXES)
   prompt_mask = attention_mask.astype(bool)
-  mask = jnp.pad(vlm.causal_mask(attention_mask), ((0, 0), (0, 0), (0, n)))
-  hidden, cache = model.apply({"params": params}, input_ids, position_ids, mask, pixel_values,
-                              image_grid_thw, 0, cache, method=vlm.Qwen25VL.hidden_states)
+  hidden, kv = model.apply({"params": params}, input_ids, position_ids,
+                           vlm.causal_mask(attention_mask), pixel_values, image_grid_thw,
+                           return_kv=True, method=vlm.Qwen25VL.hidden_states)
+  kv = sharding.constrain(kv, CACHE_AXES)
   logits = model.apply({"params": params}, hidden[:, -1], method=vlm.Qwen25VL.logits)
 
-  # G rollouts per prompt share the prompt's cache.
+  # G rollouts per prompt share the prompt's keys and values; the N new tokens' slots are
+  # zeros. Each layer's cache is written once, from the layer scan's outputs.
   repeat = lambda x: jnp.repeat(x, g, axis=0)
-  cache = tuple({name: jnp.repeat(cache[name][i], g, axis=0) for name in ("k", "v")}
-                for i in range(tc.num_hidden_layers))
+  cache = tuple({name: jnp.pad(repeat(kv[name][i]), ((0, 0), (0, 0), (0, n), (0, 0)))
+                 for name in ("k", "v")} for i in range(config.text.num_hidden_layers))
   cache = sharding.constrain(cache, LAYER_CACHE_AXES)
   rng, key = jax.random.split(rng)
   token, logp = _choose(repeat(logits), allowed, key, settings)

@@ -140,3 +140,31 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
                    SamplerSettings(max_new_tokens=8, temperature=1.3, top_p=1e-6)):
     got = Sampler(config, settings, allowed).sample(params, batch, jax.random.key(9))["tokens"]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(greedy))
+
+
+def test_prefill_writes_per_layer_caches_without_a_stacked_one(model):
+  """The prefill's layer scan returns the prompts' keys and values, [L, B, K, T, H]; each
+  layer's decode cache [R, K, S, H] is written from them once (the G rows of a prompt
+  equal, zeros in the new tokens' slots), and no stacked [L, B, K, S, H] cache is built."""
+  _, config, params = model
+  rng = np.random.default_rng(8)
+  ids, mask = F.pad_batch([F.prompt_ids(rng, [6]), F.prompt_ids(rng, [3])], ["left", "left"])
+  n, g = 5, 3
+  settings = SamplerSettings(max_new_tokens=n, samples_per_prompt=g, stop_ids=(EOS,), pad_id=2)
+  allowed = jnp.asarray(_allowed(config.text.vocab_size))
+  args = (config, params, ids, mask, None, None, jax.random.key(3), allowed)
+  tc, (b, t) = config.text, ids.shape
+  stacked = (tc.num_hidden_layers, b, tc.num_key_value_heads, t + n, tc.head_dim)
+  hlo = sampler_lib.jit_prefill.lower(*args, settings=settings).as_text()
+  tensor = lambda dims: "tensor<" + "x".join(map(str, dims)) + "x"
+  assert tensor(stacked) not in hlo
+  assert tensor(stacked[:3] + (t,) + stacked[4:]) in hlo  # the scan's keys and values
+
+  state = sampler_lib.jit_prefill(*args, settings=settings)
+  assert len(state.cache) == tc.num_hidden_layers
+  for cache in state.cache:
+    for x in (np.asarray(cache["k"]), np.asarray(cache["v"])):
+      assert x.shape == (b * g, tc.num_key_value_heads, t + n, tc.head_dim)
+      assert not x[:, :, t:].any()
+      np.testing.assert_array_equal(x, np.repeat(x[::g], g, axis=0))
+      assert x[:, :, :t].any()

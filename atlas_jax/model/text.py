@@ -3,18 +3,20 @@
 Letters: B batch, T query length, S key/value length, D width, N query heads, K kv heads,
 H head dim, V vocab, L layers.
 
-The KV cache is an explicit pytree; a call with a cache writes this call's keys and values
-at `cache_index` and attends over all S slots under the caller's mask (always the "xla"
-attention path, which reads the head-major layout without a transpose). Two layouts:
+Two ways of running with a KV cache (always the "xla" attention path, which reads the
+head-major layout without a transpose):
 
-* stacked, `{"k", "v"}: [L, B, K, S, H]` (the prefill, `Decoder` with a cache): the cache
-  rides in the layer scan's carry; layer l writes its [B, K, T, H] slice at
-  (l, :, :, cache_index) and reads its own layer back.
-* per layer, a tuple of L `{"k", "v"}: [B, K, S, H]` (the decode step, `decode_layers`):
-  the layers are unrolled over per-layer weights, split from the stack once per call
-  (`split_layers`). In a scanned step XLA:CPU copies each layer's weights and its cache
-  slice out of the stacks at every token; unrolled, a token reads the weights and the
-  cache where they lie and writes one [B, K, 1, H] slot per layer in place.
+* the prefill (`Decoder` with `return_kv`): the layer scan attends over the prompt alone
+  and returns each layer's keys and values {"k", "v"}: [L, B, K, T, H] as its per-layer
+  outputs (no cache in the carry, no slots for new tokens); the caller builds the decode's
+  caches from them.
+* the decode step (`decode_layers`), per-layer caches, a tuple of L `{"k", "v"}:
+  [B, K, S, H]`: a call writes its keys and values at `cache_index` and attends over all S
+  slots under the caller's mask. The layers are unrolled over per-layer weights, split
+  from the stack once per call (`split_layers`). In a scanned step XLA:CPU copies each
+  layer's weights and its cache slice out of the stacks at every token; unrolled, a token
+  reads the weights and the cache where they lie and writes one [B, K, 1, H] slot per
+  layer in place.
 """
 
 from __future__ import annotations
@@ -36,13 +38,19 @@ class DecoderLayer(nn.Module):
   attention_chunk: int = 0
   attention_impl: str = "xla"
   unroll: bool = False
+  return_kv: bool = False  # the prefill: also return this layer's keys and values
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, cache_index, layer_index):
-    """carry: x float[B, T, D], or (x, cache): a stacked cache [L, B, K, S, H] with
-    layer_index int32[] (this layer's slot), or this layer's own [B, K, S, H] with None.
-    With the `layers.ATTENTION_COLLECTION` collection mutable, sows the attention weights
-    float32[B, N, T, S] as "probs"."""
+  def __call__(self, carry, cos, sin, mask, cache_index=None, layer_index=None):
+    """carry: x float[B, T, D], or (x, cache) with this layer's cache {"k", "v"}:
+    [B, K, S, H] (the decode step). Returns (the carry updated, None), or with `return_kv`
+    (x, this layer's keys and values {"k", "v"}: [B, K, T, H], which the queries attend to
+    alone under mask bool[B, T, T]). layer_index: None (`decode_layers` passes it; no
+    stacked cache any more). With the `layers.ATTENTION_COLLECTION` collection mutable,
+    sows the attention weights float32[B, N, T, S] as "probs"."""
+    if layer_index is not None:
+      raise ValueError(f"layer_index {layer_index!r}: a layer takes its own cache, not a "
+                       "stacked one's slot")
     x, cache = carry if isinstance(carry, tuple) else (carry, None)
     cfg = self.config
     # Static: only a caller asking for the attention weights (the collection mutable)
@@ -60,19 +68,15 @@ class DecoderLayer(nn.Module):
     if cache is not None:
       zero = jnp.zeros((), jnp.int32)
       at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-      if layer_index is not None:  # stacked [L, ...] cache: this layer's slot
-        at = (jnp.asarray(layer_index, jnp.int32),) + at
-      new = lambda x: jnp.swapaxes(x, 1, 2).reshape((1,) * (len(at) - 4) + (
-          x.shape[0], x.shape[2], x.shape[1], x.shape[3]))
-      cache = {name: jax.lax.dynamic_update_slice(cache[name], new(x).astype(
-          cache[name].dtype), at) for name, x in (("k", k), ("v", v))}
-      if layer_index is not None:
-        k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer_index, 0, keepdims=False)
-                for name in ("k", "v"))
-      else:
-        k, v = cache["k"], cache["v"]
-      attn = attention_lib.grouped(q, k.astype(q.dtype), v.astype(q.dtype),
+      cache = {name: jax.lax.dynamic_update_slice(
+          cache[name], jnp.swapaxes(x, 1, 2).astype(cache[name].dtype), at)
+               for name, x in (("k", k), ("v", v))}
+      attn = attention_lib.grouped(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
                                    attention_lib.as_dense(mask), want_probs)
+    elif self.return_kv:
+      cache = {"k": jnp.swapaxes(k, 1, 2), "v": jnp.swapaxes(v, 1, 2)}
+      attn = attention_lib.grouped(q, cache["k"], cache["v"], attention_lib.as_dense(mask),
+                                   want_probs)
     else:
       attn = attention_lib.attention(q, k, v, mask, chunk=self.attention_chunk,
                                      impl=self.attention_impl, return_probs=want_probs,
@@ -88,6 +92,8 @@ class DecoderLayer(nn.Module):
     x = x + layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype,
                           name="mlp")(h)
     x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    if self.return_kv:
+      return x, cache
     return ((x, cache) if cache is not None else x), None
 
 
@@ -102,22 +108,18 @@ class Decoder(nn.Module):
   unroll: bool = False  # ModelConfig.unroll_loops
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache_index=None, cache=None):
-    """With a cache (prefill, decode): returns it updated; else returns None for it."""
+  def __call__(self, x, cos, sin, mask, return_kv: bool = False):
+    """mask: bool[B, T, T] or an `attention.Mask`. Returns (hidden states, None), or with
+    `return_kv` (static; the prefill) (hidden states, each layer's keys and values
+    {"k", "v"}: [L, B, K, T, H])."""
     cfg = self.config
     block = layers.maybe_remat(DecoderLayer, self.remat)
-    if cache is None:
-      layer_index, index_axis = None, nn.broadcast
-    else:
-      layer_index, index_axis = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32), 0
-    stack = layers.scan_layers(block, cfg.num_hidden_layers,
-                               in_axes=(nn.broadcast,) * 4 + (index_axis,), unroll=self.unroll)
-    carry, _ = stack(cfg, self.dtype, self.attention_chunk, self.attention_impl, self.unroll,
-                     name="layers")(x if cache is None else (x, cache), cos, sin, mask,
-                                    cache_index, layer_index)
-    x, cache = carry if cache is not None else (carry, None)
+    stack = layers.scan_layers(block, cfg.num_hidden_layers, in_axes=(nn.broadcast,) * 3,
+                               unroll=self.unroll)
+    x, kv = stack(cfg, self.dtype, self.attention_chunk, self.attention_impl, self.unroll,
+                  return_kv, name="layers")(x, cos, sin, mask)
     x = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
-    return x, cache
+    return x, kv
 
 
 def split_layers(layer_params, num_layers: int) -> tuple:

@@ -74,10 +74,11 @@ class Qwen25VL(nn.Module):
         x, input_ids, features)
 
   def hidden_states(self, input_ids, position_ids, mask, pixel_values=None,
-                    image_grid_thw=None, cache_index=None, cache=None):
-    """Final-norm hidden states float[B, T, D] and the updated cache."""
+                    image_grid_thw=None, return_kv: bool = False):
+    """Final-norm hidden states float[B, T, D], and with `return_kv` (static; the sampler's
+    prefill) each layer's keys and values {"k", "v"}: [L, B, K, T, H] (else None)."""
     x, cos, sin = self.decoder_inputs(input_ids, position_ids, pixel_values, image_grid_thw)
-    return self.decoder(x, cos, sin, mask, cache_index, cache)
+    return self.decoder(x, cos, sin, mask, return_kv)
 
   def decoder_inputs(self, input_ids, position_ids, pixel_values=None, image_grid_thw=None):
     """The decoder's inputs: embeddings float[B, T, D] (image features in place) and the
