@@ -48,12 +48,12 @@ FITS = {  # batch_shards: data x fsdp on that slice = chips / tensor
 # grad_accum / parts, each prompt once), the residual stream sequence-parallel over
 # mesh.tensor. AOT on the FITS slice (2026-12-06), training passes per RL step and la-grpo
 # GiB per chip, unshared -> shared: 3B 57.5 s -> 28.1 s, 12.01 -> 12.06 GiB (0.05 over);
-# 7B 53.5 s -> 25.8 s, 13.48 -> 13.19 GiB; 72B 183.7 s -> 95.5 s, 88.02 -> 84.11 GiB.
-# parts 2 is faster but holds more (7B: 19.5 s at 14.29 GiB).
+# 7B 53.5 s -> 25.8 s, 13.48 -> 13.19 GiB; 72B (parts 2) 183.7 s -> 75.0 s, 88.02 -> 86.62
+# GiB (parts 4: 95.5 s, 84.11 GiB). Parts 2 holds more at 7B (19.5 s at 14.29 GiB).
 SHARED_PREFIX = {
     "qwen2.5-vl-3b": dict(parts=4),
     "qwen2.5-vl-7b": dict(parts=4),
-    "qwen2.5-vl-72b": dict(parts=4),
+    "qwen2.5-vl-72b": dict(parts=2),
 }
 VARIANTS = ("", "shared")
 
