@@ -29,11 +29,9 @@ MFU = analytic model FLOPs / (time x peak). XLA's cost analysis counts the body 
 while loop once, and the decoder and vision layers are scanned (and the "xla" attention's
 query chunks mapped): the compiled counts are corrected by the ratio of the unoptimised
 counts of the same step lowered twice, once as compiled and once with the layer scans and
-the chunk map unrolled (`ModelConfig.unroll_loops`), except the prefill's
-bytes: its layers carry the stacked KV cache, which XLA counts whole in the scanned body
-(and the unrolled module at every layer), so they are left as compiled, an upper bound
-dominated by the cache. The decode step's layers are unrolled already (per-layer caches):
-its counts are exact. The log-prob chunk loop (train.logprob_chunk) stays counted once;
+the chunk map unrolled (`ModelConfig.unroll_loops`); the prefill's too (its layer scan
+returns each layer's prompt keys and values: no cache rides in it). The decode step's
+layers are unrolled already (per-layer caches): its counts are exact. The log-prob chunk loop (train.logprob_chunk) stays counted once;
 its missing LM-head FLOPs are added analytically, and so are the splash attention kernels'
 (`splash_flops`; XLA counts a Pallas kernel as next to nothing; their bytes, a flash
 kernel's few reads of q, k and v, stay uncounted). The decode step's counts are those of
@@ -390,11 +388,7 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
       flops, nbytes = scanned_flops / n_devices, scanned_bytes / n_devices
     xla_flops, xla_bytes = flops, nbytes
     flops *= full_flops / max(scanned_flops, 1.0)
-    # The prefill's layers carry the stacked KV cache, which XLA counts whole (read and
-    # written) in the scanned body already, and the unrolled module at every layer: its
-    # bytes are left as compiled (an upper bound dominated by the cache).
-    if name != "prefill":
-      nbytes *= full_bytes / max(scanned_bytes, 1.0)
+    nbytes *= full_bytes / max(scanned_bytes, 1.0)
     logit_length = length if logit_length is None else logit_length
     chunks = logit_length // min(chunk, logit_length)
     flops += (logit_passes * (chunks - 1) * 2 * rows * min(chunk, logit_length)
