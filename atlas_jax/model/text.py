@@ -32,6 +32,43 @@ from atlas_jax.model import layers
 from atlas_jax.model.config import TextConfig
 
 
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+class _LayerParts:
+  """One decoder layer's submodules, declared in the calling module's compact scope: the
+  parameter names `DecoderLayer` and `SharedPrefixLayer` share (input_norm, q, k, v, o,
+  post_attn_norm, mlp), and the computation around the attention."""
+
+  def __init__(self, cfg: TextConfig, dtype):
+    n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    self.input_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="input_norm")
+    self.q = layers.dense((n, hd), -1, ("embed", "heads", "head_dim"),
+                          bias_axes=("heads", "head_dim"), dtype=dtype, name="q")
+    self.k = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
+                          bias_axes=("kv_heads", "head_dim"), dtype=dtype, name="k")
+    self.v = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
+                          bias_axes=("kv_heads", "head_dim"), dtype=dtype, name="v")
+    self.o = layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
+                          dtype=dtype, name="o")
+    self.post_attn_norm = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="post_attn_norm")
+    self.mlp = layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=dtype, name="mlp")
+
+  def qkv(self, x, cos, sin):
+    """Queries, keys (both rotated) and values of the residual stream x float[B, T, D]."""
+    h = self.input_norm(x)
+    return (layers.apply_rope(self.q(h), cos, sin), layers.apply_rope(self.k(h), cos, sin),
+            self.v(h))
+
+  def rest(self, x, attn):
+    """The residual stream after the attention output attn float[B, T, N, H]: the output
+    projection, then the MLP block."""
+    x = x + self.o(checkpoint_name(attn, "attention_out"))
+    x = sharding.constrain(x, RESIDUAL_AXES)
+    x = x + self.mlp(self.post_attn_norm(x))
+    return sharding.constrain(x, RESIDUAL_AXES)
+
+
 class DecoderLayer(nn.Module):
   config: TextConfig
   dtype: jnp.dtype
@@ -41,30 +78,20 @@ class DecoderLayer(nn.Module):
   return_kv: bool = False  # the prefill: also return this layer's keys and values
 
   @nn.compact
-  def __call__(self, carry, cos, sin, mask, cache_index=None, layer_index=None):
+  def __call__(self, carry, cos, sin, mask, cache_index=None):
     """carry: x float[B, T, D], or (x, cache) with this layer's cache {"k", "v"}:
     [B, K, S, H] (the decode step). Returns (the carry updated, None), or with `return_kv`
     (x, this layer's keys and values {"k", "v"}: [B, K, T, H], which the queries attend to
-    alone under mask bool[B, T, T]). layer_index: None (`decode_layers` passes it; no
-    stacked cache any more). With the `layers.ATTENTION_COLLECTION` collection mutable,
-    sows the attention weights float32[B, N, T, S] as "probs"."""
-    if layer_index is not None:
-      raise ValueError(f"layer_index {layer_index!r}: a layer takes its own cache, not a "
-                       "stacked one's slot")
+    alone under mask bool[B, T, T]). cache_index: where the decode step writes this call's
+    keys and values. With the `layers.ATTENTION_COLLECTION` collection mutable, sows the
+    attention weights float32[B, N, T, S] as "probs"."""
     x, cache = carry if isinstance(carry, tuple) else (carry, None)
     cfg = self.config
     # Static: only a caller asking for the attention weights (the collection mutable)
     # gets them; every other graph is unchanged.
     want_probs = self.is_mutable_collection(layers.ATTENTION_COLLECTION)
-    n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x)
-    q = layers.dense((n, hd), -1, ("embed", "heads", "head_dim"),
-                     bias_axes=("heads", "head_dim"), dtype=self.dtype, name="q")(h)
-    k = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
-                     bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="k")(h)
-    v = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
-                     bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="v")(h)
-    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    parts = _LayerParts(cfg, self.dtype)
+    q, k, v = parts.qkv(x, cos, sin)
     if cache is not None:
       zero = jnp.zeros((), jnp.int32)
       at = (zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
@@ -84,14 +111,7 @@ class DecoderLayer(nn.Module):
     if want_probs:
       attn, probs = attn
       self.sow(layers.ATTENTION_COLLECTION, "probs", probs)
-    attn = checkpoint_name(attn, "attention_out")
-    x = x + layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
-                         dtype=self.dtype, name="o")(attn)
-    x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")(x)
-    x = x + layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype,
-                          name="mlp")(h)
-    x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = parts.rest(x, attn)
     if self.return_kv:
       return x, cache
     return ((x, cache) if cache is not None else x), None
@@ -160,7 +180,7 @@ def decode_layers(config: TextConfig, dtype, layer_params, final_norm, x, cos, s
                        layer_params)
     else:
       p = layer_params[i]
-    (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index, None)
+    (x, cache), _ = layer.apply({"params": p}, (x, cache), cos, sin, mask, cache_index)
     new.append(cache)
   norm = layers.RMSNorm(config.rms_norm_eps, dtype)
   return norm.apply({"params": final_norm}, x), tuple(new)
@@ -187,27 +207,9 @@ class SharedPrefixLayer(nn.Module):
     segment ids: their attention mask). "splash" and "cudnn" run the prompts' attention and
     the completions' (`attention.shared_prefix_kernel`) on the kernel; "xla" the einsums."""
     xp, xc = carry
-    cfg = self.config
-    n, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    norm = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")
-    q_proj = layers.dense((n, hd), -1, ("embed", "heads", "head_dim"),
-                          bias_axes=("heads", "head_dim"), dtype=self.dtype, name="q")
-    k_proj = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
-                          bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="k")
-    v_proj = layers.dense((kv, hd), -1, ("embed", "kv_heads", "head_dim"),
-                          bias_axes=("kv_heads", "head_dim"), dtype=self.dtype, name="v")
-    o_proj = layers.dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"),
-                          dtype=self.dtype, name="o")
-    post_norm = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attn_norm")
-    mlp = layers.SwiGLU(cfg.intermediate_size, cfg.hidden_act, dtype=self.dtype, name="mlp")
-
-    def qkv(x, rope):
-      h = norm(x)
-      return (layers.apply_rope(q_proj(h), *rope), layers.apply_rope(k_proj(h), *rope),
-              v_proj(h))
-
-    qp, kp, vp = qkv(xp, prompt_rope)
-    qc, kc, vc = qkv(xc, completion_rope)
+    parts = _LayerParts(self.config, self.dtype)
+    qp, kp, vp = parts.qkv(xp, *prompt_rope)
+    qc, kc, vc = parts.qkv(xc, *completion_rope)
     attn_p = attention_lib.attention(qp, kp, vp, prompt_mask, chunk=self.attention_chunk,
                                      impl=self.attention_impl, unroll=self.unroll)
     prefix_keys = prompt_mask.segment_ids > 0
@@ -218,15 +220,7 @@ class SharedPrefixLayer(nn.Module):
       attn_c = attention_lib.shared_prefix(qc, kp, vp, kc, vc, prefix_keys,
                                            completion_mask.dense, self.attention_chunk,
                                            unroll=self.unroll)
-    axes = ("activation_batch", "activation_length", "activation_embed")
-
-    def rest(x, attn):
-      x = x + o_proj(checkpoint_name(attn, "attention_out"))
-      x = sharding.constrain(x, axes)
-      x = x + mlp(post_norm(x))
-      return sharding.constrain(x, axes)
-
-    return (rest(xp, attn_p), rest(xc, attn_c)), None
+    return (parts.rest(xp, attn_p), parts.rest(xc, attn_c)), None
 
 
 class SharedPrefixDecoder(nn.Module):
