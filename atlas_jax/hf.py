@@ -432,12 +432,12 @@ def _to_host(x) -> np.ndarray:
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
+  gather = lambda y: np.asarray(multihost_utils.process_allgather(y, tiled=True))
   rows = x.shape[0] if x.ndim else 1
   step = -(-rows // jax.local_device_count())
-  if x.ndim == 0 or step >= rows:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.concatenate([np.asarray(multihost_utils.process_allgather(x[i:i + step], tiled=True))
-                         for i in range(0, rows, step)])
+  if step >= rows:
+    return gather(x)
+  return np.concatenate([gather(x[i:i + step]) for i in range(0, rows, step)])
 
 
 def iter_hf_tensors(config: config_lib.ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]:
@@ -454,6 +454,14 @@ def iter_hf_tensors(config: config_lib.ModelConfig, params) -> Iterator[tuple[st
         yield key, to_hf(rule, _to_host(leaf[l]))
     else:
       yield rule.hf_key, to_hf(rule, _to_host(leaf))
+
+
+def largest_tensor(config: config_lib.ModelConfig) -> int:
+  """Elements of the largest tensor `iter_hf_tensors` gathers whole (of a per-layer leaf,
+  one layer's slice): what an export holds in flight beside the params' shards."""
+  abstract = vlm.abstract_params(config)
+  return max(int(np.prod(_get(abstract, r.path).shape[1 if r.per_layer else 0:]))
+             for r in param_table(config))
 
 
 def _write_weights(config, params, path: str, dtype, max_shard_size: int, progress) -> int:

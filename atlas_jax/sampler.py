@@ -222,10 +222,9 @@ def weights_split_over_batch(params) -> bool:
     sh = getattr(leaf, "sharding", None)
     if not isinstance(sh, jax.sharding.NamedSharding):
       continue
-    for axes in sh.spec:
-      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      if any(a in ("data", "fsdp") and sh.mesh.shape[a] > 1 for a in axes):
-        return True
+    if any(a in ("data", "fsdp") and sh.mesh.shape[a] > 1
+           for axes in sh.spec for a in sharding.spec_axes(axes)):
+      return True
   return False
 
 

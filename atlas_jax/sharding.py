@@ -112,7 +112,8 @@ def make_mesh(shape, devices=None) -> Mesh:
   return Mesh(grid, AXES)
 
 
-def _spec_axes(mesh_axes) -> tuple[str, ...]:
+def spec_axes(mesh_axes) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
   if mesh_axes is None:
     return ()
   return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
@@ -128,11 +129,11 @@ def logical_to_shardings(mesh: Mesh, logical_specs, rules=RULES, shapes=None):
     flat_shapes = jax.tree.leaves(shapes)
     for (path, spec), leaf in zip(flat_specs, flat_shapes):
       for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
-        ways = math.prod(mesh.shape[a] for a in _spec_axes(axes))
+        ways = math.prod(mesh.shape[a] for a in spec_axes(axes))
         if size % ways:
           name = "/".join(str(getattr(p, "key", p)) for p in path)
           raise ValueError(f"{name} dim {dim} (size {size}) is not divisible by mesh axes "
-                           f"{_spec_axes(axes)} = {ways}")
+                           f"{spec_axes(axes)} = {ways}")
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs, is_leaf=is_spec)
 
 

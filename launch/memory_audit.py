@@ -267,9 +267,7 @@ def worker(args: dict) -> dict:
   with tempfile.TemporaryDirectory() as scratch:
     hf.save(config, params, tokenizer, args.get("export_dir") or scratch,
             max_shard_size=args["shard_size"])
-  stacked = lambda path: any(k in jax.tree_util.keystr(path) for k in ("layers", "blocks"))
-  largest = int(max(x.size // x.shape[0] if stacked(path) else x.size
-                    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]))
+  largest = hf.largest_tensor(config)
 
   peaks.enter("first evaluation batch")
   rows = c.data.batch_size // jax.process_count()
