@@ -21,13 +21,16 @@ EXPORT = ("export",)
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def model_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("audit")
+
+
+@pytest.fixture(scope="module")
+def result(model_dir):
   env = dict(os.environ, XLA_FLAGS=F.xla_flags())
-  model_dir = tmp_path_factory.mktemp("audit")
   result = memory_audit.audit("test", processes=2, devices=4, tensor=2,
                               model_dir=str(model_dir), timeout=900, env=env,
                               export_dir=str(model_dir / "export"))
-  result.model_dir = model_dir
   print("\n" + result.table())
   return result
 
@@ -63,7 +66,7 @@ def test_the_export_holds_its_share_and_one_tensor(result):
 
 
 @pytest.mark.slow
-def test_the_two_process_export_is_the_source_model(result):
+def test_the_two_process_export_is_the_source_model(result, model_dir):
   """Every tensor the two processes exported (bfloat16, in shards of --shard_size) is the
   source file's, rounded to bfloat16; the functional tokens' embedding and LM-head rows
   are the extension's (new), every other row the source's."""
@@ -75,7 +78,7 @@ def test_the_two_process_export_is_the_source_model(result):
 
   from atlas_jax.functional_tokens import FUNCTIONAL_TOKENS
   from transformers import AutoTokenizer
-  source_dir, export_dir = result.model_dir / "test_float32", result.model_dir / "export"
+  source_dir, export_dir = model_dir / "test_float32", model_dir / "export"
   load = lambda d: {k: v for f in sorted(glob.glob(str(d / "*.safetensors")))
                     for k, v in load_file(f).items()}
   source, exported = load(source_dir), load(export_dir)
