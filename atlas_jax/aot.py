@@ -35,8 +35,12 @@ layers are unrolled already (per-layer caches): its counts are exact. The log-pr
 its missing LM-head FLOPs are added analytically, and so are the splash attention kernels'
 (`splash_flops`; XLA counts a Pallas kernel as next to nothing; their bytes, a flash
 kernel's few reads of q, k and v, stay uncounted). The decode step's counts are those of
-one generated token; its roofline time is that of rl.max_new_tokens tokens (every row
-generating to the end).
+one generated token: the step compiled over weights already in the compute dtype (their
+cast is loop-invariant and XLA hoists it out of the token loop); what the step as compiled
+counts beyond that is counted once per call. Its roofline time is that of rl.max_new_tokens
+tokens (every row generating to the end) plus the once-per-call part. Its floor
+(`decode_floor`): per token, each chip reads its shards of the weights the matmuls use and
+its rows' KV cache; the report prints the step's count against it.
 """
 
 from __future__ import annotations
@@ -103,6 +107,9 @@ class Report:
   import_host_gib: float = 0.0  # ... and host memory in flight per host
   calls: int = 1             # calls per RL step (old-logp: its micro-batches, x2 with the
                              # reference; la-grpo: grad_accum x inner_updates); sft: 1
+  once_gb: float = 0.0       # decode: bytes per chip counted once per call, not per token
+  weights_gb: float = 0.0    # decode's floor per token per chip: the weights it reads
+  cache_gb: float = 0.0      # ... and the KV cache (`decode_floor`)
 
   @property
   def step_total_s(self) -> float:
@@ -257,6 +264,23 @@ def _shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
 
 
+def decode_floor(params, cache) -> tuple[float, float]:
+  """Bytes per chip a decode step must read per token, at least (abstract, sharded
+  params and the sampler's per-layer caches): (the weights the token's matmuls read, in
+  their shards, in the compute dtype the step casts them to: the decoder and the LM head's
+  matrix, `sampler.HEAD`: the untied embedding is read at one row per sequence, the
+  vision tower not at all; every layer's KV cache)."""
+  head = next(k for k in sampler_lib.HEAD if k in params)
+  return (float(_shard_bytes((params["decoder"], params[head]))), float(_shard_bytes(cache)))
+
+
+def in_dtype(tree, dtype):
+  """Abstract arrays `tree` with their floating leaves in `dtype`, shardings kept."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+      sharding=x.sharding), tree)
+
+
 def _memory(lowered, args, hbm_gib):
   """(memory fields, compiled or None): from the executable, or, for a step the compiler
   rejects for exceeding HBM, arguments from their shardings and temporaries from the
@@ -368,12 +392,15 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
   unrolled_config = dataclasses.replace(config, unroll_loops=True)
 
   def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
-          logit_passes=0, logit_length=None, shared_prompts=0, calls=1):
+          logit_passes=0, logit_length=None, shared_prompts=0, calls=1, per_token=None,
+          floor=(0.0, 0.0)):
     """Compiles `lower(config)` (the loop's jitted function lowered on `args`) and appends
     its report; `lower(unrolled_config)` is the same step with every loop unrolled, lowered
     for its cost counts only. logit_length: the positions per row the LM head runs on
     (default `length`). shared_prompts > 0: a grouped batch of that many prompts of
-    data.max_length and `rows` completions of rl.max_new_tokens."""
+    data.max_length and `rows` completions of rl.max_new_tokens. per_token (the decode):
+    `lower` of the step whose counts are those of one of its `tokens` tokens; the rest of
+    the step's counts are counted once. floor: (weights, cache) bytes per token per chip."""
     t0 = time.perf_counter()
     with sharding.with_rules(mesh, rules):
       lowered = lower(config)
@@ -401,8 +428,15 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
         flops += shared_splash_flops(config, name, completions=rows,
                                      prompt_length=d.max_length,
                                      new_tokens=rl.max_new_tokens) / n_devices
+    once_flops = once_bytes = 0.0
+    if per_token is not None and compiled is not None:
+      with sharding.with_rules(mesh, rules):
+        token_flops, token_bytes = _costs(per_token(config).compile().cost_analysis())
+      once_flops, once_bytes = max(flops - token_flops, 0.0), max(nbytes - token_bytes, 0.0)
+      flops, nbytes = token_flops, token_bytes
     # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
-    seconds = tokens * max(flops / peak, nbytes / bandwidth) if compiled is not None else 0.0
+    seconds = (tokens * max(flops / peak, nbytes / bandwidth)
+               + max(once_flops / peak, once_bytes / bandwidth)) if compiled is not None else 0.0
     if shared_prompts:
       analytic = shared_prefix_flops(
           config, name, prompts=shared_prompts, completions=rows, prompt_length=d.max_length,
@@ -419,7 +453,8 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
         tflops=xla_flops / 1e12, model_tflops=analytic / 1e12, flops_tflops=flops / 1e12,
         xla_bytes_gb=xla_bytes / 1e9, bytes_gb=nbytes / 1e9, roofline_s=seconds,
         mfu=analytic / (seconds * peak) if seconds else 0.0, import_gib=loading["chip"],
-        import_host_gib=loading["host"], **stats))
+        import_host_gib=loading["host"], once_gb=once_bytes / 1e9,
+        weights_gb=floor[0] / 1e9, cache_gb=floor[1] / 1e9, **stats))
     return compiled
 
   loading = import_memory(config, mesh)
@@ -453,10 +488,16 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
                               *prefill_args)
       sampler_state = _abstract(shapes, compiled.output_shardings if compiled is not None
                                 else _sampler_state_shardings(mesh, shapes))
-      run("decode", lambda cfg: sampler_lib.jit_decode.lower(
-          cfg, state.params, sampler_state, allowed, settings=settings,
-          one_layer_at_a_time=sampler_lib.weights_split_over_batch(state.params)),
-          (state.params, sampler_state), rows=prompts * g, length=t, tokens=n)
+      one_layer = sampler_lib.weights_split_over_batch(state.params)
+      decode = lambda params: lambda cfg: sampler_lib.jit_decode.lower(
+          cfg, params, sampler_state, allowed, settings=settings,
+          one_layer_at_a_time=one_layer)
+      # Per token: the same step over weights already in the compute dtype (their cast is
+      # loop-invariant: XLA hoists it out of the token loop, to run once per call).
+      weights = in_dtype(state.params, jnp.dtype(config.dtype))
+      run("decode", decode(state.params), (state.params, sampler_state), rows=prompts * g,
+          length=t, tokens=n, per_token=decode(weights),
+          floor=decode_floor(weights, sampler_state.cache))
   length = t + n
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
 
@@ -589,6 +630,13 @@ def format_table(reports: list[Report]) -> str:
                  + (f"{r.roofline_s:>8.3f}{r.mfu:>6.0%}" if r.compiled else f"{'-':>8}{'-':>6}")
                  + f"{r.compile_s:>8.1f}s")
   lines += rl_step_totals(reports)
+  for r in reports:
+    if r.step == "decode" and r.compiled and r.cache_gb:
+      lines.append(f"decode {r.recipe or r.size} on {r.topology} ({r.mesh}): {r.bytes_gb:.2f} "
+                   f"GB per token per chip (XLA's count) against a floor of "
+                   f"{r.weights_gb + r.cache_gb:.2f} (weights {r.weights_gb:.2f} + KV cache "
+                   f"{r.cache_gb:.2f}); {r.once_gb:.2f} GB once per call (outside the token "
+                   "loop: the weights' cast to the compute dtype)")
   seen = set()
   for r in reports:
     if r.import_gib and (r.recipe, r.size, r.topology, r.mesh) not in seen:

@@ -32,7 +32,7 @@ from atlas_jax.model import rope, text, vlm
 from atlas_jax.model.config import ModelConfig
 
 # The prefill's keys and values [L, B, K, T, H]; one layer's cache [R, K, S, H].
-CACHE_AXES = ("layers", "activation_batch", "kv_heads", "activation_length", "head_dim")
+CACHE_AXES = ("layers", "cache_batch", "kv_heads", "activation_length", "head_dim")
 LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer's cache in the decode loop
 HEAD = ("lm_head", "embed")  # the params the LM head reads (untied or tied)
 
@@ -120,7 +120,7 @@ def _record(state_tokens, state_logps, step, token, logp, done, settings):
 def _rows(x):
   """x with its rows over the batch shards: the loop state stays where its rows' prompts
   are, so each process reads back its own rows (rollout.local_rows)."""
-  return sharding.constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+  return sharding.constrain(x, ("cache_batch",) + (None,) * (x.ndim - 1))
 
 
 def prefill(config: ModelConfig, params, input_ids, attention_mask, pixel_values,
@@ -211,7 +211,7 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
     return st.replace(step=st.step + 1, tokens=tokens, logps=logps, done=done, cache=cache,
                       rng=rng)
 
-  return jax.lax.while_loop(cond, body, state)
+  return jax.lax.while_loop(cond, sharding.traced_under(body, sharding.DECODE_RULES), state)
 
 
 def weights_split_over_batch(params) -> bool:

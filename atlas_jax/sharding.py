@@ -55,10 +55,19 @@ RULES = (
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_mlp", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
 )
 
 SEQUENCE_PARALLEL_RULES = tuple(r for r in RULES if r[0] != "activation_length") + (
     ("activation_length", "tensor"),)
+
+
+# The decode step: weights stay where they lie. A token's activations are small, the
+# weights are not: the residual stream's width goes over fsdp as the weights' embed dim
+# does (its rows over data alone), so each matmul contracts the local weight shard and
+# all-reduces its small output, instead of all-gathering every weight at every token.
+DECODE_RULES = tuple(r for r in RULES if r[0] not in ("activation_batch", "activation_embed")
+                     ) + (("activation_batch", "data"), ("activation_embed", "fsdp"))
 
 
 def training_rules(sequence_parallel: bool):
