@@ -9,7 +9,9 @@ tests/test_multidevice.py.
 
 import functools
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -106,6 +108,17 @@ def flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
 
 
+def largest_all_gather(hlo: str) -> int:
+  """Elements of the largest result of an all-gather in compiled HLO text (0: none)."""
+  sizes = [0]
+  for line in hlo.splitlines():
+    m = re.search(r"=(.*?)\ball-gather(?:-start)?\(", line)
+    if m:
+      sizes += [math.prod(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1))]
+  return max(sizes)
+
+
 def run(mesh_shape):
   devices = jax.devices()[:1] if mesh_shape is None else jax.devices()
   mesh = sharding.make_mesh(mesh_shape or dict(data=1, fsdp=1, tensor=1), devices=devices)
@@ -133,6 +146,7 @@ def run(mesh_shape):
   out["params"] = flat(state.params)
   q = state.params["decoder"]["layers"]["q"]["kernel"]
   out["q_shard_shape"] = list(q.addressable_shards[0].data.shape)
+  out["q_shape"] = list(q.shape)
   seconds["forward+sft"] = time.perf_counter() - start
 
   # LA-GRPO: two updates from a fresh state on the same host rollouts (re-initialised
@@ -175,6 +189,18 @@ def run(mesh_shape):
     sampled = sampler.sample(params, prompts, jax.random.key(0))
   out["sample_tokens_shard_shape"] = list(sampled["tokens"].addressable_shards[0].data.shape)
   out["decode_one_layer_at_a_time"] = sampler_lib.weights_split_over_batch(params)
+  # The decode as compiled: the largest array any of its all-gathers assembles.
+  with sharding.with_rules(mesh, sharding.RULES):
+    state0 = sampler_lib.jit_prefill(CONFIG, params, *prompts.values(), jax.random.key(0),
+                                     sampler.allowed, settings=sampler.settings)
+    hlo = sampler_lib.jit_decode.lower(
+        CONFIG, params, state0, sampler.allowed, settings=sampler.settings,
+        one_layer_at_a_time=out["decode_one_layer_at_a_time"]).compile().as_text()
+  out["decode_largest_gather"] = largest_all_gather(hlo)
+  with sharding.with_rules(mesh, sharding.RULES):
+    out["prefill_largest_gather"] = largest_all_gather(sampler_lib.jit_prefill.lower(
+        CONFIG, params, *prompts.values(), jax.random.key(0), sampler.allowed,
+        settings=sampler.settings).compile().as_text())
   # An activation constraint under the training rules: [8 rows, 4, 16 features].
   with sharding.with_rules(mesh, sharding.RULES):
     constrained = jax.jit(lambda x: sharding.constrain(
@@ -205,6 +231,10 @@ def main():
         loss_value=float(r["loss"]), q_shard_shape=r["q_shard_shape"],
         sample_tokens_shard_shape=r["sample_tokens_shard_shape"],
         decode_one_layer_at_a_time=r["decode_one_layer_at_a_time"],
+        decode_largest_gather=r["decode_largest_gather"],
+        prefill_largest_gather=r["prefill_largest_gather"],
+        # One layer's q kernel on a device once gathered over fsdp: [embed, heads/tensor, H].
+        q_layer_gathered=int(r["q_shape"][1] * math.prod(r["q_shard_shape"][2:])),
         constrained_shard_shape=r["constrained_shard_shape"],
         rl_loss_value=r["rl_loss"].tolist(), rl_anchor_value=r["rl_anchor_loss"].tolist(),
         rl_grad_norm_value=r["rl_grad_norm"].tolist(),

@@ -112,6 +112,10 @@ def test_tiny_recipes_compile_for_a_v5e_slice():
   assert reports["la-grpo"]["calls"] == reports["old-logp"]["calls"] == 2  # per RL step
   assert reports["decode"]["rows"] == 4 * 4 and reports["prefill"]["rows"] == 4
   assert (reports["la-grpo"]["rows"], reports["la-grpo"]["length"]) == (8, 128 + 64)
+  # A decode token's count is at least its floor: each chip's weight shards and KV cache.
+  decode = reports["decode"]
+  assert decode["weights_gb"] > 0 and decode["cache_gb"] > 0, decode
+  assert decode["bytes_gb"] >= decode["weights_gb"] + decode["cache_gb"], decode
   # Forward + backward costs more than the forward pass alone over the same rows.
   assert reports["la-grpo"]["flops_tflops"] > 2 * reports["old-logp"]["flops_tflops"]
 

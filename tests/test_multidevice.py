@@ -93,8 +93,11 @@ def test_greedy_sampling_matches_single_device(report, mesh):
   assert r["sample_token_mismatches"] == 0 and r["sample_mask_mismatches"] == 0
   # fp32 log-softmax of logits that agree to ~5e-7 (see the forward check): 1e-5 as there.
   assert r["sample_logps"] < 1e-5
-  # Weights sharded over fsdp: the decode gathers them one layer at a time (per token).
+  # Weights sharded over fsdp: the decode takes them one layer at a time (per token), and
+  # reads them where they lie (sharding.DECODE_RULES): no all-gather in it assembles even
+  # one layer's q kernel (the smallest matrix), as the prefill's do (training layout).
   assert r["decode_one_layer_at_a_time"] and not report["1"]["decode_one_layer_at_a_time"]
+  assert r["prefill_largest_gather"] >= r["q_layer_gathered"] > r["decode_largest_gather"], r
 
 
 @pytest.mark.slow
