@@ -8,10 +8,12 @@ which it writes, once each, the tuple of L per-layer caches {"k", "v"}: [R, K, S
 hands the decode loop (repeated G times, zeros in the N new tokens' slots; no stacked
 S-slot cache is ever held); the decode step runs the layers unrolled and writes each
 layer's [R, K, 1, H] slot in place (`text.decode_layers`), so a token never copies the
-cache. Its weights: split from the stack once per call where they are
-whole on each device; where they are sharded over fsdp, gathered one layer at a time at
-every token (`decode`'s one_layer_at_a_time), so sampling holds no more than the params'
-shards plus one layer.
+cache. Its weights stay where they lie: the token loop traces under
+`sharding.DECODE_RULES` (each matmul contracts the chip's own weight shard and all-reduces
+its small output; nothing is gathered). They are split from the stack once per call where
+they are whole on each device; where they are sharded over fsdp, sliced one layer at a time
+at every token (`decode`'s one_layer_at_a_time), so no per-layer copy of the stack is
+hoisted out of the loop: sampling holds no more than the params' shards.
 
 The loop state is an immutable dataclass; `SamplerSettings` holds only static, hashable
 settings. Log-probs returned are fp32, of the sampled token under the full-vocabulary,
@@ -166,13 +168,12 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
            settings: SamplerSettings, one_layer_at_a_time: bool = False) -> SamplerState:
   """Generates until every row has stopped or N tokens exist (`lax.while_loop`).
 
-  one_layer_at_a_time (`weights_split_over_batch(params)` where a Sampler calls it): each
-  token all-gathers one layer's weights after the previous layer is done
-  (`text.decode_layers`), so the loop holds the params' shards plus one layer gathered. Off,
-  the layers are split from the stack once per call: XLA:CPU then hoists every layer's
-  slice, cast and all-gather out of the loop (one token reads each weight once, but the
-  loop holds the params again, gathered), which is right only when nothing is gathered. On
-  TPU XLA keeps the gathers in the loop by itself (the AOT report's decode)."""
+  The loop body traces under `sharding.DECODE_RULES`: the weights are read where they lie,
+  the activations move. one_layer_at_a_time (`weights_split_over_batch(params)` where a
+  Sampler calls it): each token takes one layer's slice of the stacked weights after the
+  previous layer is done (`text.decode_layers`). Off, the layers are split from the stack
+  once per call, and XLA hoists every layer's slice (a copy of the stack) out of the loop;
+  on TPU that also cost 1.3x the bytes per token (AOT, 7B)."""
   model = vlm.Qwen25VL(config)
   n = settings.max_new_tokens
   t = state.prompt_mask.shape[1]
@@ -216,8 +217,8 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
 
 def weights_split_over_batch(params) -> bool:
   """Whether the decoder layers' weights are sharded over a batch axis of the mesh (fsdp or
-  data), so that a decode step must all-gather them: the decode then takes them one layer
-  at a time. params: arrays or ShapeDtypeStructs with NamedShardings."""
+  data): the decode then takes them one layer at a time. params: arrays or
+  ShapeDtypeStructs with NamedShardings."""
   for leaf in jax.tree.leaves(params["decoder"]["layers"]):
     sh = getattr(leaf, "sharding", None)
     if not isinstance(sh, jax.sharding.NamedSharding):

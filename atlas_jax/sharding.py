@@ -14,6 +14,7 @@ training and rollout alike:
   activation_length           replicated
   activation_embed            replicated
   activation_mlp              tensor
+  cache_batch                 (data, fsdp)
 
 `SEQUENCE_PARALLEL_RULES` is the same table with the residual stream's length over
 `tensor` as well (Megatron-style sequence parallelism, for steps with a backward pass): a
@@ -24,8 +25,13 @@ spec names both (`activation_mlp` before `activation_length`); attention's heads
 sharded by the params.
 
 Sampling keeps the training layout for params (rollouts use the live training params, no
-resharding) and shards the KV cache's batch over (data, fsdp) and its kv heads over
-tensor (`CACHE_AXES` in sampler.py). The params' shardings are `model.param_shardings`.
+resharding) and shards the KV cache's batch (`cache_batch`, also the sampler state's rows)
+over (data, fsdp) and its kv heads over tensor (`CACHE_AXES` in sampler.py). The decode's
+token loop traces under `DECODE_RULES`: the same table with the activations' rows over
+`data` alone and their width (`activation_embed`) over `fsdp`, as the weights' embed dim
+is, so a token's matmuls contract each chip's weight shard where it lies and all-reduce
+their small outputs: no weight is gathered at any token. The params' shardings are
+`model.param_shardings`.
 """
 
 from __future__ import annotations

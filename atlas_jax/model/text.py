@@ -161,8 +161,8 @@ def decode_layers(config: TextConfig, dtype, layer_params, final_norm, x, cos, s
   layer_params: `split_layers` of params["decoder"]["layers"] (a tuple of L per-layer
   pytrees), or the stacked params themselves with `one_layer_at_a_time`: each layer then
   takes its slice of the stack only once the previous layer's output exists, so inside a
-  decode loop neither the slices nor their casts and all-gathers can be hoisted out of the
-  loop or started early: a token holds one layer's gathered weights at a time instead of
+  decode loop the slices (and any all-gather of them) can be neither hoisted out of the
+  loop nor started early: a token holds one layer's slice at a time instead of a copy of
   every layer's for the whole loop. final_norm:
   params["decoder"]["final_norm"]; caches: L x {"k", "v"}: [B, K, S, H]. x: float[B, T, D]
   embeddings. Returns (final-norm hidden states float[B, T, D], the updated caches).
