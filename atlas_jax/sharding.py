@@ -223,6 +223,11 @@ def with_rules(mesh: Mesh, rules=RULES):
     _ACTIVE.mesh = previous
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the innermost `with_rules`, or None outside one."""
+  return getattr(_ACTIVE, "mesh", None)
+
+
 def constrain(x, logical_axes):
   """`x` (an array or a pytree) constrained to the sharding its logical axis names map to
   under the active `with_rules`; unchanged outside one."""

@@ -228,3 +228,27 @@ def test_rl_step_totals_add_each_step_times_its_calls():
   assert lines[0] in aot.format_table(reports)
   rejected = dataclasses.replace(reports[3], compiled=False)
   assert aot.rl_step_totals(reports[:3] + [rejected]) == []
+
+
+def test_splash_compiles_as_the_tpu_kernel_per_device_for_a_slice():
+  """For a slice's devices (on any host) splash is the Mosaic kernel itself, not its
+  interpretation, run on each device's rows (XLA cannot partition a Mosaic kernel: without
+  the shard_map this lowering raises); the vision tower's one sequence splits its queries."""
+  import jax
+  import jax.numpy as jnp
+  from atlas_jax import aot, sharding
+  from atlas_jax.model import attention as attention_lib
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2), aot.topology_devices("v5e:2x2"))
+  for causal, rows in ((True, 4), (False, 1)):
+    over = lambda ndim: (sharding.batch_sharding(mesh, ndim) if rows > 1
+                         else sharding.replicated(mesh))
+    shape = lambda heads: jax.ShapeDtypeStruct((rows, 512, heads, 128), jnp.bfloat16,
+                                               sharding=over(4))
+    seg = jax.ShapeDtypeStruct((rows, 512), jnp.int32, sharding=over(2))
+    run = lambda q, k, v, s: attention_lib.attention(
+        q, k, v, attention_lib.Mask(dense=None, segment_ids=s, causal=causal), impl="splash")
+    with sharding.with_rules(mesh):
+      hlo = jax.jit(run).lower(shape(4), shape(2), shape(2), seg).compile().as_text()
+    assert "tpu_custom_call" in hlo, causal  # interpreted, it would be XLA's own loops
+    if causal:  # rows over fsdp, kv heads over tensor: nothing to gather
+      assert "all-gather" not in hlo

@@ -15,15 +15,22 @@ The mask is either a dense bool[B, T, S] (True = may attend) or a `Mask`, which 
 the dense form and, when the caller knows it, its structure (segment ids, causality) that
 the kernels need. Decode (T = 1 against a cache) always takes the "xla" path: one query
 per row is a matrix-vector product that no kernel improves; "splash" also leaves the
-sampler's prefill (T < S, dense mask only) to it. Off TPU, splash runs in Pallas interpret
-mode (slow; for tests).
+sampler's prefill (T < S, dense mask only) to it. Under a mesh each device runs the kernel
+on its part in a `shard_map` (XLA does not partition a Mosaic kernel): rows over the batch
+axes, kv heads over tensor (`_per_device`). The kernel is compiled for real where the
+devices are TPUs, also a TPU slice's topology on any host (`launch.aot_report`); elsewhere
+it runs in Pallas interpret mode (slow; for tests).
 """
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from atlas_jax import sharding
 
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -91,19 +98,55 @@ def _cudnn(q, k, v, mask, implementation="cudnn"):
       q, k, v, mask=None if dense is None else dense[:, None], implementation=implementation)
 
 
-def _splash_kernel(groups: int, t: int, s: int, causal: bool, interpret: bool, block: int):
+def _splash_kernel(groups: int, t: int, s: int, causal: bool, interpret: bool,
+                   block_q: int, block_kv: int):
   """The kernel for one shape, built afresh in each trace (once per compile): the kernel
   keeps its mask tables as arrays, so a kernel cached across traces would carry one
   trace's tracers into the next (UnexpectedTracerError under scanned layers)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   one = splash.CausalMask((t, s)) if causal else splash.FullMask((t, s))
-  sizes = None
-  if block:
-    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                              block_q_dkv=block, block_kv_dkv=block,
-                              block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                            block_q_dkv=block_q, block_kv_dkv=block_kv,
+                            block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                            block_kv_dq=block_kv)
   return splash.make_splash_mqa_single_device(
       splash.MultiHeadMask([one] * groups), block_sizes=sizes, interpret=interpret)
+
+
+def _interpret() -> bool:
+  """Whether a Pallas TPU kernel runs interpreted: unless the devices it is compiled for
+  are TPUs (the active mesh's: a TPU slice's topology compiles the real kernel on any
+  host, `launch.aot_report`; else the default backend's)."""
+  mesh = sharding.active_mesh()
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  return platform != "tpu"
+
+
+def _per_device(rows, q, k, v, q_seg, kv_seg, *, causal: bool):
+  """`rows(q, k, v, q_seg, kv_seg)` (a kernel over q [B, K, G, Tq, H], k, v [B, K, Tk, H],
+  segment ids [B, Tq], [B, Tk]) run on each device's part under the active mesh: a
+  Mosaic kernel is not partitioned by XLA, so it runs in a `shard_map`. The rows go over
+  the batch axes (data, fsdp) and the kv heads over tensor where they divide; a batch of
+  one sequence (the vision tower's patches) that is not causal splits its queries over the
+  batch axes instead (each device: its queries against all keys); else it is replicated."""
+  mesh = sharding.active_mesh()
+  if mesh is None or mesh.size == 1:
+    return rows(q, k, v, q_seg, kv_seg)
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+  batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+  ways = math.prod(mesh.shape[a] for a in batch or ())
+  tensor = mesh.shape["tensor"]
+  heads = "tensor" if tensor > 1 and q.shape[1] % tensor == 0 else None
+  if batch and q.shape[0] % ways == 0:
+    specs = (P(batch, heads),) * 3 + (P(batch),) * 2
+    out = P(batch, heads)
+  elif batch and not causal and q.shape[3] % (ways * 128) == 0:
+    specs = (P(None, heads, None, batch), P(None, heads), P(None, heads), P(None, batch), P())
+    out = P(None, heads, None, batch)
+  else:
+    specs, out = (P(None, heads),) * 3 + (P(),) * 2, P(None, heads)
+  return jax.shard_map(rows, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(
+      q, k, v, q_seg, kv_seg)
 
 
 def splash_blocks(t: int) -> tuple[int, int]:
@@ -113,7 +156,7 @@ def splash_blocks(t: int) -> tuple[int, int]:
   return tp, 512 if tp % 512 == 0 else 128
 
 
-def _splash(q, k, v, mask, *, interpret=False):
+def _splash(q, k, v, mask, *, interpret: bool | None = None):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   if not isinstance(mask, Mask) or mask.segment_ids is None:
     raise ValueError("attention_impl 'splash' needs a Mask with segment_ids (the "
@@ -124,21 +167,31 @@ def _splash(q, k, v, mask, *, interpret=False):
     raise ValueError(f"attention_impl 'splash' needs query length == key length; got T={t}, "
                      f"S={s}")
   g = n // kv
-  # Pad to the kernel's tiling, the padding in a segment of its own, and drop it after.
-  tp, block = splash_blocks(t)
-  kernel = _splash_kernel(g, tp, tp, mask.causal, interpret, block)
-  pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))
+  interpret = _interpret() if interpret is None else interpret
   q = (q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, t, kv, g, h)
-  q = jnp.transpose(pad(q), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
-  k, v = jnp.swapaxes(pad(k), 1, 2), jnp.swapaxes(pad(v), 1, 2)  # [B, K, S, H]
-  seg = jnp.pad(mask.segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t)),
-                constant_values=jnp.iinfo(jnp.int32).min)
+  q = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, K, S, H]
+  seg = mask.segment_ids.astype(jnp.int32)
 
-  def one_row(qb, kb, vb, sb):  # [K, G, T, H], [K, S, H], [K, S, H], [S]
-    ids = splash.SegmentIds(q=sb, kv=sb)
-    return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qb, kb, vb)
+  def rows(q, k, v, q_seg, kv_seg):  # one device's part: the kernel over its rows
+    tq, tk = q.shape[3], k.shape[2]
+    # Pad to the kernel's tiling, the padding in a segment of its own, and drop it after.
+    (tqp, block_q), (tkp, block_kv) = splash_blocks(tq), splash_blocks(tk)
+    kernel = _splash_kernel(g, tqp, tkp, mask.causal, interpret, block_q, block_kv)
+    low = jnp.iinfo(jnp.int32).min
+    pad = lambda x, to, **kw: jnp.pad(
+        x, [(0, 0)] * (x.ndim - 2) + [(0, to - x.shape[-2]), (0, 0)], **kw)
+    q, k, v = pad(q, tqp), pad(k, tkp), pad(v, tkp)
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, tqp - tq)), constant_values=low)
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, tkp - tk)), constant_values=low)
 
-  out = jax.vmap(one_row)(q, k, v, seg)[:, :, :, :t]  # [B, K, G, T, H]
+    def one_row(qb, kb, vb, qs, ks):  # [K, G, Tq, H], [K, Tk, H], [K, Tk, H], [Tq], [Tk]
+      ids = splash.SegmentIds(q=qs, kv=ks)
+      return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qb, kb, vb)
+
+    return jax.vmap(one_row)(q, k, v, q_seg, kv_seg)[:, :, :, :tq]
+
+  out = _per_device(rows, q, k, v, seg, seg, causal=mask.causal)  # [B, K, G, T, H]
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(v.dtype)
 
 
@@ -155,7 +208,7 @@ def _one_block(q, k, v, mask, impl: str, return_probs: bool = False):
     return _xla(q, k, v, as_dense(mask), return_probs)
   if impl == "cudnn":
     return _cudnn(q, k, v, mask)
-  return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+  return _splash(q, k, v, mask)
 
 
 def _map_chunks(body, xs, unroll: bool):
@@ -291,7 +344,7 @@ def shared_prefix_kernel(q: Array, prefix_k: Array, prefix_v: Array, k: Array, v
   if impl != "splash":
     raise ValueError(f"shared_prefix_kernel takes 'splash' or 'cudnn', not {impl!r}")
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
-  interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+  interpret = _interpret() if interpret is None else interpret
   tq, block_q = splash_blocks(t)
   # Keys padded past P + tq: every padding query i then sees its own padding key P + i.
   tk, block_kv = splash_blocks(p + tq)
@@ -310,5 +363,6 @@ def shared_prefix_kernel(q: Array, prefix_k: Array, prefix_v: Array, k: Array, v
     ids = splash.SegmentIds(q=qs, kv=ks)
     return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qb, kb, vb)
 
-  out = jax.vmap(one_row)(q, keys, values, q_seg, kv_seg)[:, :, :, :t]  # [R, K, G, T, H]
+  out = _per_device(jax.vmap(one_row), q, keys, values, q_seg, kv_seg, causal=True)
+  out = out[:, :, :, :t]  # [R, K, G, T, H]
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(r, t, n, h).astype(v.dtype)
