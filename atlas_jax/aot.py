@@ -40,7 +40,9 @@ cast is loop-invariant and XLA hoists it out of the token loop); what the step a
 counts beyond that is counted once per call. Its roofline time is that of rl.max_new_tokens
 tokens (every row generating to the end) plus the once-per-call part. Its floor
 (`decode_floor`): per token, each chip reads its shards of the weights the matmuls use and
-its rows' KV cache; the report prints the step's count against it.
+its rows' KV cache in the slots written so far; the report prints the step's count against
+it. With "splash" the decode attends on a Pallas kernel (`attention.decode_kernel`), whose
+bytes (`decode_kernel_bytes`) are added to XLA's count.
 """
 
 from __future__ import annotations
@@ -264,14 +266,38 @@ def _shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree) if hasattr(x, "sharding"))
 
 
-def decode_floor(params, cache) -> tuple[float, float]:
+def _written_slots(prompt: int, new_tokens: int, block: int = 1) -> float:
+  """The cache slots a decode token attends to (its own included), averaged over the
+  completion's tokens, in whole blocks of `block`."""
+  return sum(-(-(prompt + i + 1) // block) * block for i in range(new_tokens)) / new_tokens
+
+
+def decode_floor(params, cache, *, prompt: int, new_tokens: int) -> tuple[float, float]:
   """Bytes per chip a decode step must read per token, at least (abstract, sharded
-  params and the sampler's per-layer caches): (the weights the token's matmuls read, in
-  their shards, in the compute dtype the step casts them to: the decoder and the LM head's
-  matrix, `sampler.HEAD`: the untied embedding is read at one row per sequence, the
-  vision tower not at all; every layer's KV cache)."""
+  params and the sampler's per-layer caches of prompt + new_tokens slots): (the weights the
+  token's matmuls read, in their shards, in the compute dtype the step casts them to: the
+  decoder and the LM head's matrix, `sampler.HEAD`: the untied embedding is read at one
+  row per sequence, the vision tower not at all; every layer's KV cache in the slots
+  written so far, averaged over the completion)."""
   head = next(k for k in sampler_lib.HEAD if k in params)
-  return (float(_shard_bytes((params["decoder"], params[head]))), float(_shard_bytes(cache)))
+  written = _written_slots(prompt, new_tokens) / (prompt + new_tokens)
+  return (float(_shard_bytes((params["decoder"], params[head]))),
+          float(_shard_bytes(cache)) * written)
+
+
+def decode_kernel_bytes(config, cache, *, prompt: int, new_tokens: int) -> float:
+  """Bytes per token per chip the decode's attention kernel (`attention.decode_kernel`,
+  "splash") reads and writes, which XLA does not count (a Pallas kernel counts as next to
+  nothing): per layer, its rows' k and v cache blocks up to the slot being written
+  (averaged over the completion), the mask's bias blocks once per kv head, the queries
+  and the output."""
+  one = cache[0]["k"]
+  rows, heads, slots, dim = one.sharding.shard_shape(one.shape)
+  read = _written_slots(prompt, new_tokens, attention_lib.decode_blocks(slots))
+  queries = config.text.num_attention_heads // config.text.num_key_value_heads * heads
+  per_layer = (2 * rows * heads * read * dim * one.dtype.itemsize + heads * rows * read * 4
+               + 2 * rows * queries * dim * one.dtype.itemsize)
+  return len(cache) * per_layer
 
 
 def in_dtype(tree, dtype):
@@ -393,14 +419,16 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
 
   def run(name, lower, args, *, rows, length, rules=sharding.RULES, tokens=1,
           logit_passes=0, logit_length=None, shared_prompts=0, calls=1, per_token=None,
-          floor=(0.0, 0.0)):
+          floor=(0.0, 0.0), kernel_bytes=0.0):
     """Compiles `lower(config)` (the loop's jitted function lowered on `args`) and appends
     its report; `lower(unrolled_config)` is the same step with every loop unrolled, lowered
     for its cost counts only. logit_length: the positions per row the LM head runs on
     (default `length`). shared_prompts > 0: a grouped batch of that many prompts of
     data.max_length and `rows` completions of rl.max_new_tokens. per_token (the decode):
     `lower` of the step whose counts are those of one of its `tokens` tokens; the rest of
-    the step's counts are counted once. floor: (weights, cache) bytes per token per chip."""
+    the step's counts are counted once. floor: (weights, cache) bytes per token per chip;
+    kernel_bytes: per call (per token with per_token) the Pallas kernels' bytes XLA does not
+    count."""
     t0 = time.perf_counter()
     with sharding.with_rules(mesh, rules):
       lowered = lower(config)
@@ -434,6 +462,7 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
         token_flops, token_bytes = _costs(per_token(config).compile().cost_analysis())
       once_flops, once_bytes = max(flops - token_flops, 0.0), max(nbytes - token_bytes, 0.0)
       flops, nbytes = token_flops, token_bytes
+    nbytes += kernel_bytes
     # A step the compiler rejected gets no roofline: its counts are the unoptimised ones.
     seconds = (tokens * max(flops / peak, nbytes / bandwidth)
                + max(once_flops / peak, once_bytes / bandwidth)) if compiled is not None else 0.0
@@ -497,7 +526,9 @@ def compile_recipe(c, topology: str, *, recipe: str = "", devices=None,
       weights = in_dtype(state.params, jnp.dtype(config.dtype))
       run("decode", decode(state.params), (state.params, sampler_state), rows=prompts * g,
           length=t, tokens=n, per_token=decode(weights),
-          floor=decode_floor(weights, sampler_state.cache))
+          floor=decode_floor(weights, sampler_state.cache, prompt=t, new_tokens=n),
+          kernel_bytes=decode_kernel_bytes(config, sampler_state.cache, prompt=t, new_tokens=n)
+          if config.attention_impl == "splash" else 0.0)
   length = t + n
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
 
@@ -632,8 +663,10 @@ def format_table(reports: list[Report]) -> str:
   lines += rl_step_totals(reports)
   for r in reports:
     if r.step == "decode" and r.compiled and r.cache_gb:
+      counted = ("XLA's count + the attention kernel's" if r.attention.startswith("splash")
+                 else "XLA's count")
       lines.append(f"decode {r.recipe or r.size} on {r.topology} ({r.mesh}): {r.bytes_gb:.2f} "
-                   f"GB per token per chip (XLA's count) against a floor of "
+                   f"GB per token per chip ({counted}) against a floor of "
                    f"{r.weights_gb + r.cache_gb:.2f} (weights {r.weights_gb:.2f} + KV cache "
                    f"{r.cache_gb:.2f}); {r.once_gb:.2f} GB once per call (outside the token "
                    "loop: the weights' cast to the compute dtype)")

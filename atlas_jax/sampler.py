@@ -198,7 +198,8 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
     hidden, cache = text.decode_layers(tc, dtype, layer_params,
                                        params["decoder"]["final_norm"], x, cos, sin,
                                        keys[:, None, :], index, st.cache,
-                                       one_layer_at_a_time=one_layer_at_a_time)
+                                       one_layer_at_a_time=one_layer_at_a_time,
+                                       attention_impl=config.attention_impl)
     cache = sharding.constrain(cache, LAYER_CACHE_AXES)
     head = params
     if one_layer_at_a_time:  # the LM head's gather also waits for its input, in the loop

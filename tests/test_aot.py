@@ -252,3 +252,12 @@ def test_splash_compiles_as_the_tpu_kernel_per_device_for_a_slice():
     assert "tpu_custom_call" in hlo, causal  # interpreted, it would be XLA's own loops
     if causal:  # rows over fsdp, kv heads over tensor: nothing to gather
       assert "all-gather" not in hlo
+  # The decode's kernel over a cache sharded as the sampler shards it.
+  q = jax.ShapeDtypeStruct((16, 1, 4, 128), jnp.bfloat16, sharding=sharding.batch_sharding(mesh, 4))
+  cache = jax.ShapeDtypeStruct((16, 2, 1024, 128), jnp.bfloat16, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")))
+  keys = jax.ShapeDtypeStruct((16, 1024), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2))
+  with sharding.with_rules(mesh):
+    hlo = jax.jit(attention_lib.decode_kernel).lower(
+        q, cache, cache, keys, jax.ShapeDtypeStruct((), jnp.int32)).compile().as_text()
+  assert "tpu_custom_call" in hlo and "all-gather" not in hlo

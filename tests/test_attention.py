@@ -194,6 +194,16 @@ for name, (args, mask, w) in {"text": ((q, k, v), text, real),
   out[name] = {"out": float(np.max(np.abs((np.asarray(got) - np.asarray(want)) * w))),
                "grad": max(float(np.max(np.abs(a - b))) for a, b in zip(grads, grads_want)),
                "shard_map": "shard_map" in jaxpr}
+# The decode's kernel: 8 rows of one query against a 256-slot cache, rows over fsdp.
+dq = jnp.asarray(rng.normal(size=(8, 1, 4, 16)), jnp.float32)
+dk, dv = (jnp.asarray(rng.normal(size=(8, 2, 256, 16)), jnp.float32) for _ in range(2))
+keys = jnp.asarray(np.arange(256)[None] < np.arange(100, 108)[:, None])
+want = A.grouped(dq, dk, dv, keys[:, None])
+with sharding.with_rules(mesh):
+  got = jax.jit(A.decode_kernel)(dq, dk, dv, keys, jnp.int32(107))
+  jaxpr = str(jax.make_jaxpr(A.decode_kernel)(dq, dk, dv, keys, jnp.int32(107)))
+out["decode"] = {"out": float(np.max(np.abs(np.asarray(got) - np.asarray(want)))), "grad": 0.0,
+                 "shard_map": "shard_map" in jaxpr}
 print("RESULT " + json.dumps(out))
 """
 
@@ -210,7 +220,30 @@ def test_splash_under_a_mesh_runs_per_device_and_matches_xla():
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-  for name in ("text", "vision"):  # text rows over fsdp; the vision's queries over fsdp
+  for name in ("text", "vision", "decode"):  # rows over fsdp; the vision's queries
     r = result[name]
     assert r["shard_map"], name  # XLA cannot partition a Mosaic kernel: each device its part
     assert r["out"] < 2e-5 and r["grad"] < 1e-4, (name, r)
+
+
+@pytest.mark.parametrize("rows,slots,last", [(16, 2048, 700), (3, 384, 100)])
+def test_decode_kernel_matches_the_einsums_and_skips_unwritten_blocks(rows, slots, last):
+  """The decode's kernel (interpreted off TPU): one query per row against a cache, GQA,
+  left padding; slots past `last`'s block hold NaN, which the einsums would spread (0 x NaN)
+  but the kernel never reads."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(rows, 1, 6, 16)), jnp.float32)
+  k, v = (rng.normal(size=(rows, 2, slots, 16)).astype(np.float32) for _ in range(2))
+  keys = np.zeros((rows, slots), bool)
+  keys[:, 5:last + 1] = True
+  keys[1, :20] = False  # a row with more padding
+  want = attention_lib.grouped(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(keys)[:, None])
+  block = attention_lib.decode_blocks(slots)
+  past = (last // block + 1) * block
+  k[:, :, past:], v[:, :, past:] = np.nan, np.nan
+  got = attention_lib.decode_kernel(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(keys),
+                                    jnp.int32(last))
+  assert past < slots  # the einsums over the same cache do read the NaN slots:
+  assert np.isnan(attention_lib.grouped(q, jnp.asarray(k), jnp.asarray(v),
+                                        jnp.asarray(keys)[:, None])).any()
+  np.testing.assert_allclose(got, want, atol=2e-6)

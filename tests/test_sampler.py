@@ -1,5 +1,7 @@
 """The jitted KV-cache sampler against transformers' generate and the training forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +130,25 @@ def test_one_layer_at_a_time_decodes_the_same(model):
 
 
 @pytest.mark.slow
+def test_the_decode_kernel_samples_what_the_einsums_sample(model):
+  """attention_impl "splash": the decode attends on `attention.decode_kernel` (interpreted
+  off TPU): the same tokens and log-probs as the einsums from the same prefill state."""
+  _, config, params = model
+  rng = np.random.default_rng(8)
+  ids, mask = F.pad_batch([F.prompt_ids(rng, [6]), F.prompt_ids(rng, [3])], ["left", "left"])
+  settings = SamplerSettings(max_new_tokens=10, temperature=1.0, samples_per_prompt=2,
+                             stop_ids=(EOS,), pad_id=2)
+  allowed = jnp.asarray(_allowed(config.text.vocab_size))
+  state = sampler_lib.jit_prefill(config, params, ids, mask, None, None, jax.random.key(4),
+                                  allowed, settings=settings)
+  out = [sampler_lib.jit_decode(dataclasses.replace(config, attention_impl=impl), params,
+                                jax.tree.map(jnp.copy, state), allowed, settings=settings)
+         for impl in ("xla", "splash")]
+  np.testing.assert_array_equal(np.asarray(out[0].tokens), np.asarray(out[1].tokens))
+  np.testing.assert_allclose(np.asarray(out[0].logps), np.asarray(out[1].logps), atol=1e-5)
+  assert (np.asarray(out[0].logps) != 0).any()
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
   _, config, params = model
   rng = np.random.default_rng(6)

@@ -195,6 +195,91 @@ def _splash(q, k, v, mask, *, interpret: bool | None = None):
   return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(v.dtype)
 
 
+def decode_blocks(s: int) -> int:
+  """The key block of `decode_kernel` over a cache of s slots."""
+  return next((b for b in (512, 256, 128) if s % b == 0), s)
+
+
+def decode_kernel(q: Array, k: Array, v: Array, keys: Array, last: Array, *,
+                  interpret: bool | None = None) -> Array:
+  """One query per row against a KV cache (the decode step), as a Pallas TPU kernel: each
+  row's cache is read once, block by block, with the softmax kept in on-chip memory
+  (online), and key blocks past `last` are neither read nor computed; the einsums instead
+  write and re-read float32 scores around their softmax and read every slot.
+
+  q [B, 1, N, H]; k, v [B, K, S, H] (the cache's layout); keys bool[B, S] (True: may
+  attend); last: int32 scalar, the highest slot any row may attend to. Returns
+  [B, 1, N, H]. Under a mesh each device runs it on its rows and kv heads (`_per_device`)."""
+  from jax.experimental import pallas as pl  # noqa: PLC0415
+  from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
+  b, _, n, h = q.shape
+  kv, s = k.shape[1], k.shape[2]
+  g = n // kv
+  gp = -(-g // 8) * 8  # a kv head's queries, padded to the sublane tiling
+  interpret = _interpret() if interpret is None else interpret
+  block = decode_blocks(s)
+  blocks = s // block
+  qg = jnp.pad((q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, kv, g, h),
+               ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+  bias = jnp.where(keys, 0.0, NEG_INF).astype(jnp.float32)
+  lasts = jnp.full((b,), last, jnp.int32)
+
+  def rows(q, k, v, bias, lasts):  # one device's part
+    r = q.shape[0]
+    rb = 8 if r % 8 == 0 else r
+
+    def kernel(last_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, m_ref, l_ref, acc_ref):
+      j = pl.program_id(2)
+
+      @pl.when(j == 0)
+      def _():
+        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+      @pl.when(j * block <= last_ref[0])
+      def _():
+        for i in range(rb):
+          scores = jax.lax.dot_general(q_ref[i, 0], k_ref[i, 0], (((1,), (1,)), ((), ())),
+                                       preferred_element_type=jnp.float32)  # [gp, block]
+          scores = scores + bias_ref[i:i + 1, :]
+          m_prev = m_ref[i]  # [gp, 128], the running max broadcast over lanes
+          m_new = jnp.maximum(m_prev, jnp.max(scores, axis=-1, keepdims=True))
+          alpha = jnp.exp(m_prev - m_new)
+          p = jnp.exp(scores - m_new[:, :1])
+          l_ref[i] = alpha * l_ref[i] + jnp.sum(p, axis=-1, keepdims=True)
+          pv = jax.lax.dot_general(p.astype(v_ref.dtype), v_ref[i, 0],
+                                   (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32)  # [gp, H]
+          acc_ref[i] = acc_ref[i] * alpha[:, :1] + pv
+          m_ref[i] = m_new
+
+      @pl.when(j == blocks - 1)
+      def _():
+        o_ref[:, 0] = (acc_ref[...] / l_ref[...][..., :1]).astype(o_ref.dtype)
+
+    # Past `last` the block index stays put: Pallas fetches nothing new.
+    upto = lambda j, last_ref: jnp.minimum(j, jax.lax.div(last_ref[0], jnp.int32(block)))
+    spec = pl.BlockSpec((rb, 1, block, h), lambda i, hd, j, last: (i, hd, upto(j, last), 0))
+    per_head = pl.BlockSpec((rb, 1, gp, h), lambda i, hd, j, last: (i, hd, 0, 0))
+    grid = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(r // rb, q.shape[1], blocks),
+        in_specs=[per_head, spec, spec,
+                  pl.BlockSpec((rb, block), lambda i, hd, j, last: (i, upto(j, last)))],
+        out_specs=per_head,
+        scratch_shapes=[pltpu.VMEM((rb, gp, 128), jnp.float32),
+                        pltpu.VMEM((rb, gp, 128), jnp.float32),
+                        pltpu.VMEM((rb, gp, h), jnp.float32)])
+    return pl.pallas_call(
+        kernel, grid_spec=grid, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret)(lasts[:1], q, k, v, bias)
+
+  out = _per_device(rows, qg, k, v, bias, lasts, causal=True)  # [B, K, gp, H]
+  return out[:, :, :g].reshape(b, 1, n, h)
+
+
 def _structured(mask, t: int, s: int) -> bool:
   return isinstance(mask, Mask) and mask.segment_ids is not None and t == s
 

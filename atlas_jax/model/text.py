@@ -98,8 +98,14 @@ class DecoderLayer(nn.Module):
       cache = {name: jax.lax.dynamic_update_slice(
           cache[name], jnp.swapaxes(x, 1, 2).astype(cache[name].dtype), at)
                for name, x in (("k", k), ("v", v))}
-      attn = attention_lib.grouped(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype),
-                                   attention_lib.as_dense(mask), want_probs)
+      dense = attention_lib.as_dense(mask)
+      if self.attention_impl == "splash" and not want_probs and q.shape[1] == 1:
+        attn = attention_lib.decode_kernel(q, cache["k"].astype(q.dtype),
+                                           cache["v"].astype(q.dtype), dense[:, 0],
+                                           cache_index)
+      else:
+        attn = attention_lib.grouped(q, cache["k"].astype(q.dtype),
+                                     cache["v"].astype(q.dtype), dense, want_probs)
     elif self.return_kv:
       cache = {"k": jnp.swapaxes(k, 1, 2), "v": jnp.swapaxes(v, 1, 2)}
       attn = attention_lib.grouped(q, cache["k"], cache["v"], attention_lib.as_dense(mask),
@@ -155,7 +161,8 @@ def unfoldable_zero(x) -> jax.Array:
 
 
 def decode_layers(config: TextConfig, dtype, layer_params, final_norm, x, cos, sin, mask,
-                  cache_index, caches: tuple, *, one_layer_at_a_time: bool = False):
+                  cache_index, caches: tuple, *, one_layer_at_a_time: bool = False,
+                  attention_impl: str = "xla"):
   """`Decoder` with a cache, its layers unrolled over per-layer caches (the decode step).
 
   layer_params: `split_layers` of params["decoder"]["layers"] (a tuple of L per-layer
@@ -166,8 +173,10 @@ def decode_layers(config: TextConfig, dtype, layer_params, final_norm, x, cos, s
   every layer's for the whole loop. final_norm:
   params["decoder"]["final_norm"]; caches: L x {"k", "v"}: [B, K, S, H]. x: float[B, T, D]
   embeddings. Returns (final-norm hidden states float[B, T, D], the updated caches).
+  attention_impl "splash" (TPU): one query per row attends on `attention.decode_kernel`;
+  otherwise the einsums.
   """
-  layer = DecoderLayer(config, dtype)
+  layer = DecoderLayer(config, dtype, attention_impl=attention_impl)
   new = []
   for i, cache in enumerate(caches):
     if one_layer_at_a_time:
