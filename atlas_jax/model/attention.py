@@ -13,9 +13,10 @@ A config may say "auto" (`for_platform`): splash on TPU, the einsums elsewhere.
 
 The mask is either a dense bool[B, T, S] (True = may attend) or a `Mask`, which carries
 the dense form and, when the caller knows it, its structure (segment ids, causality) that
-the kernels need. Decode (T = 1 against a cache) always takes the "xla" path: one query
-per row is a matrix-vector product that no kernel improves; "splash" also leaves the
-sampler's prefill (T < S, dense mask only) to it. Under a mesh each device runs the kernel
+the kernels need. Decode (T = 1 against a cache) under "splash" attends on
+`decode_kernel` (the cache read once, blocks past the written slots skipped, no float32
+scores in HBM); elsewhere on the "xla" path. "splash" leaves the sampler's prefill (T < S,
+dense mask only) to the einsums. Under a mesh each device runs the kernel
 on its part in a `shard_map` (XLA does not partition a Mosaic kernel): rows over the batch
 axes, kv heads over tensor (`_per_device`). The kernel is compiled for real where the
 devices are TPUs, also a TPU slice's topology on any host (`launch.aot_report`); elsewhere

@@ -3,8 +3,9 @@
 Letters: B batch, T query length, S key/value length, D width, N query heads, K kv heads,
 H head dim, V vocab, L layers.
 
-Two ways of running with a KV cache (always the "xla" attention path, which reads the
-head-major layout without a transpose):
+Two ways of running with a KV cache (the "xla" attention path, which reads the head-major
+layout without a transpose; under "splash" the decode step's one query per row attends on
+`attention.decode_kernel`):
 
 * the prefill (`Decoder` with `return_kv`): the layer scan attends over the prompt alone
   and returns each layer's keys and values {"k", "v"}: [L, B, K, T, H] as its per-layer
