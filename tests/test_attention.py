@@ -237,6 +237,7 @@ def test_decode_kernel_matches_the_einsums_and_skips_unwritten_blocks(rows, slot
   keys = np.zeros((rows, slots), bool)
   keys[:, 5:last + 1] = True
   keys[1, :20] = False  # a row with more padding
+  keys[2, :last - 50] = False  # more than a block of it (2048 slots: blocks of 512)
   want = attention_lib.grouped(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(keys)[:, None])
   block = attention_lib.decode_blocks(slots)
   past = (last // block + 1) * block
