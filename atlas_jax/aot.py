@@ -360,8 +360,7 @@ def import_memory(config, mesh) -> dict[str, float]:
   abstract = abstract_params(config)
   shapes = _abstract(abstract, param_shardings(mesh, config))
   shard = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * 4
-  params = _shard_bytes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, jnp.float32, sharding=x.sharding), shapes))
+  params = _shard_bytes(in_dtype(shapes, jnp.float32))
   layers = [_get_path(shapes, r.path) for r in hf.param_table(config) if r.per_layer]
   layer_slice = max(shard(x) // x.shape[0] for x in layers)
   vocab = 0

@@ -202,7 +202,7 @@ def decode(config: ModelConfig, params, state: SamplerState, allowed,
                                        attention_impl=config.attention_impl)
     cache = sharding.constrain(cache, LAYER_CACHE_AXES)
     head = params
-    if one_layer_at_a_time:  # the LM head's gather also waits for its input, in the loop
+    if one_layer_at_a_time:  # the LM head's weights, too, read after its input, in the loop
       zero = text.unfoldable_zero(hidden)
       head = {k: jax.tree.map(lambda w: jnp.where(zero > 0, 0, w), v) if k in HEAD else v
               for k, v in params.items()}

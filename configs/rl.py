@@ -46,10 +46,12 @@ FITS = {  # batch_shards: data x fsdp on that slice = chips / tensor
 # groups in `parts` (one group per batch shard per micro-batch: grad_accum = prompts x
 # parts / batch shards), the log-prob passes on whole groups (rl.logprob_micro_batches 0:
 # grad_accum / parts, each prompt once), the residual stream sequence-parallel over
-# mesh.tensor. AOT on the FITS slice (2026-12-06), training passes per RL step and la-grpo
-# GiB per chip, unshared -> shared: 3B 57.5 s -> 28.1 s, 12.01 -> 12.06 GiB (0.05 over);
-# 7B 53.5 s -> 25.8 s, 13.48 -> 13.19 GiB; 72B (parts 2) 183.7 s -> 75.0 s, 88.02 -> 86.62
-# GiB (parts 4: 95.5 s, 84.11 GiB). Parts 2 holds more at 7B (19.5 s at 14.29 GiB).
+# mesh.tensor. AOT on the FITS slice (2026-12-06, the splash kernels compiled for real),
+# training passes per RL step and la-grpo GiB per chip, unshared -> shared: 3B 57.0 s ->
+# 28.0 s, 11.89 -> 11.85 GiB; 7B 51.8 s -> 25.7 s, 13.09 -> 12.60 GiB; 72B (parts 2)
+# 182.6 s -> 74.9 s, 86.68 -> 83.69 GiB. The other part counts, compiled with splash's
+# Pallas interpretation (not re-run): 72B parts 4 95.5 s at 84.11 GiB; 7B parts 2 holds
+# more (19.5 s at 14.29 GiB).
 SHARED_PREFIX = {
     "qwen2.5-vl-3b": dict(parts=4),
     "qwen2.5-vl-7b": dict(parts=4),

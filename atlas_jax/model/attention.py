@@ -123,16 +123,18 @@ def _interpret() -> bool:
   return platform != "tpu"
 
 
-def _per_device(rows, q, k, v, q_seg, kv_seg, *, causal: bool):
-  """`rows(q, k, v, q_seg, kv_seg)` (a kernel over q [B, K, G, Tq, H], k, v [B, K, Tk, H],
-  segment ids [B, Tq], [B, Tk]) run on each device's part under the active mesh: a
+def _per_device(rows, q, k, v, q_rows, kv_rows, *, causal: bool):
+  """`rows(q, k, v, q_rows, kv_rows)` (a kernel over q [B, K, ..., Tq, H] (the decode's:
+  [B, K, G, H]), k, v [B, K, Tk, H], and two per-row arrays [B, Tq] and [B, Tk] or [B]:
+  segment ids; the decode's mask bias and its last slot) run on each device's part under
+  the active mesh: a
   Mosaic kernel is not partitioned by XLA, so it runs in a `shard_map`. The rows go over
   the batch axes (data, fsdp) and the kv heads over tensor where they divide; a batch of
   one sequence (the vision tower's patches) that is not causal splits its queries over the
   batch axes instead (each device: its queries against all keys); else it is replicated."""
   mesh = sharding.active_mesh()
   if mesh is None or mesh.size == 1:
-    return rows(q, k, v, q_seg, kv_seg)
+    return rows(q, k, v, q_rows, kv_rows)
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
   batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
   ways = math.prod(mesh.shape[a] for a in batch or ())
@@ -147,7 +149,7 @@ def _per_device(rows, q, k, v, q_seg, kv_seg, *, causal: bool):
   else:
     specs, out = (P(None, heads),) * 3 + (P(),) * 2, P(None, heads)
   return jax.shard_map(rows, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(
-      q, k, v, q_seg, kv_seg)
+      q, k, v, q_rows, kv_rows)
 
 
 def splash_blocks(t: int) -> tuple[int, int]:

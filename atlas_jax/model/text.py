@@ -100,13 +100,11 @@ class DecoderLayer(nn.Module):
           cache[name], jnp.swapaxes(x, 1, 2).astype(cache[name].dtype), at)
                for name, x in (("k", k), ("v", v))}
       dense = attention_lib.as_dense(mask)
+      keys, values = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
       if self.attention_impl == "splash" and not want_probs and q.shape[1] == 1:
-        attn = attention_lib.decode_kernel(q, cache["k"].astype(q.dtype),
-                                           cache["v"].astype(q.dtype), dense[:, 0],
-                                           cache_index)
+        attn = attention_lib.decode_kernel(q, keys, values, dense[:, 0], cache_index)
       else:
-        attn = attention_lib.grouped(q, cache["k"].astype(q.dtype),
-                                     cache["v"].astype(q.dtype), dense, want_probs)
+        attn = attention_lib.grouped(q, keys, values, dense, want_probs)
     elif self.return_kv:
       cache = {"k": jnp.swapaxes(k, 1, 2), "v": jnp.swapaxes(v, 1, 2)}
       attn = attention_lib.grouped(q, cache["k"], cache["v"], attention_lib.as_dense(mask),
